@@ -1,0 +1,5 @@
+"""Distillers: one method per file, registered in DISTILLER_REGISTRY on import."""
+from .registry import DISTILLER_REGISTRY, build_distillers, register_distiller
+from . import csgr  # noqa: F401  (registers "CSGR")
+
+__all__ = ["DISTILLER_REGISTRY", "build_distillers", "register_distiller"]

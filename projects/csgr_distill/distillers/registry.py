@@ -1,0 +1,44 @@
+"""DISTILLER_REGISTRY and the builder that turns ``MODEL.DISTILL.METHODS`` into modules."""
+from typing import Dict
+
+from detectron2.layers import ShapeSpec
+from detectron2.utils.registry import Registry
+from torch import nn
+
+DISTILLER_REGISTRY = Registry("DISTILLER")
+DISTILLER_REGISTRY.__doc__ = """
+Registry for distillers: ``nn.Module`` s built as ``cls(cfg, student_shapes, teacher_shapes)``
+(use ``@configurable``) whose ``forward(student, teacher, gt_instances)`` takes two
+:class:`csgr_distill.outputs.DetectorOutputs` and the list of ground-truth ``Instances`` and
+returns a dict of named, already weighted losses. A distiller declares the output fields it
+reads in its class attribute ``required_outputs`` (subset of ``outputs.OUTPUT_FIELDS``).
+The name used in ``MODEL.DISTILL.METHODS`` is the registered name (e.g. "CSGR").
+"""
+
+
+def register_distiller(name: str):
+    """Class decorator: register a distiller under ``name`` (the value used in METHODS)."""
+
+    def deco(cls):
+        DISTILLER_REGISTRY._do_register(name, cls)
+        return cls
+
+    return deco
+
+
+def build_distillers(
+    cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec]
+) -> nn.ModuleDict:
+    """One distiller per name in ``cfg.MODEL.DISTILL.METHODS``, keyed by that name."""
+    methods = list(cfg.MODEL.DISTILL.METHODS)
+    known = sorted(DISTILLER_REGISTRY._obj_map.keys())
+    out = nn.ModuleDict()
+    for name in methods:
+        if name not in DISTILLER_REGISTRY:
+            raise KeyError(
+                f"MODEL.DISTILL.METHODS names unknown distiller {name!r}; registered: {known}"
+            )
+        if name in out:
+            raise ValueError(f"MODEL.DISTILL.METHODS lists {name!r} twice: {methods}")
+        out[name] = DISTILLER_REGISTRY.get(name)(cfg, student_shapes, teacher_shapes)
+    return out

@@ -1,0 +1,5 @@
+"""Distill* meta-architectures, registered in detectron2's META_ARCH_REGISTRY on import."""
+from .base import DistillMixin
+from .retinanet import DistillRetinaNet
+
+__all__ = ["DistillMixin", "DistillRetinaNet"]

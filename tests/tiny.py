@@ -1,0 +1,91 @@
+"""Tiny configs, data and checkpoints shared by the framework tests (CPU, seconds).
+
+Teacher: RetinaNet R18, FPN 32 channels. Student: RetinaNet R18, FPN 16 channels (so CSGR's
+adapters are exercised). Images: 64x64 synthetic shapes, a handful of them.
+"""
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+
+import csgr_distill  # noqa: F401  (registrations)
+from csgr_distill.config import add_distill_config
+from csgr_distill.data import register_shapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_TRAIN, TINY_VAL = "shapes_tiny_train", "shapes_tiny_val"
+
+
+def register_tiny_shapes(root):
+    """Register 8 train + 4 val images of 64 px (idempotent across tests)."""
+    if TINY_TRAIN not in DatasetCatalog.list():
+        register_shapes(TINY_TRAIN, root, "tiny_train", num_images=8, image_size=64, seed=11)
+        register_shapes(TINY_VAL, root, "tiny_val", num_images=4, image_size=64, seed=12)
+
+
+def base_cfg(output_dir, fpn_channels=16):
+    cfg = get_cfg()
+    add_distill_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs/demo/Base-Demo-RetinaNet.yaml"))
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.FPN.OUT_CHANNELS = fpn_channels
+    cfg.MODEL.RETINANET.NUM_CONVS = 1
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16], [32], [64], [128]]
+    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[1.0]]
+    cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 64
+    cfg.INPUT.MIN_SIZE_TEST = 64
+    cfg.INPUT.MAX_SIZE_TEST = 64
+    cfg.DATASETS.TRAIN = (TINY_TRAIN,)
+    cfg.DATASETS.TEST = (TINY_VAL,)
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SOLVER.MAX_ITER = 2
+    cfg.SOLVER.STEPS = ()
+    cfg.SOLVER.WARMUP_ITERS = 0
+    cfg.SOLVER.BASE_LR = 0.01
+    cfg.TEST.EVAL_PERIOD = 0
+    cfg.OUTPUT_DIR = str(output_dir)
+    return cfg
+
+
+def make_teacher(tmp_path):
+    """Write a teacher yaml + checkpoint (random weights: enough to test the mechanics)."""
+    tcfg = base_cfg(tmp_path / "teacher", fpn_channels=32)
+    tcfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    torch.manual_seed(0)
+    teacher = build_model(tcfg)
+    os.makedirs(tcfg.OUTPUT_DIR, exist_ok=True)
+    DetectionCheckpointer(teacher, save_dir=tcfg.OUTPUT_DIR).save("model_final")
+    yaml_path = str(tmp_path / "teacher.yaml")
+    with open(yaml_path, "w") as f:
+        f.write(tcfg.dump())
+    return yaml_path, os.path.join(tcfg.OUTPUT_DIR, "model_final.pth"), teacher
+
+
+def student_cfg(tmp_path, teacher_yaml, teacher_weights, methods=("CSGR",), enabled=True):
+    cfg = base_cfg(tmp_path / "student")
+    cfg.MODEL.META_ARCHITECTURE = "DistillRetinaNet"
+    cfg.MODEL.DISTILL.ENABLED = enabled
+    cfg.MODEL.DISTILL.METHODS = list(methods)
+    cfg.MODEL.DISTILL.TEACHER.CONFIG = teacher_yaml
+    cfg.MODEL.DISTILL.TEACHER.WEIGHTS = teacher_weights
+    return cfg
+
+
+def fake_batch(n=2, size=64, seed=0):
+    """Batched inputs as DatasetMapper makes them: uint8-range images and instances."""
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for i in range(n):
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]))
+        inst.gt_classes = torch.tensor([1, 3])
+        img = (torch.rand(3, size, size, generator=g) * 255).round()
+        batch.append({"image": img, "instances": inst, "height": size, "width": size})
+    return batch

@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""The embedded default, end to end on the CPU (behind ``make demo``).
+
+generate shapes -> train teacher -> train baseline student -> train CSGR student (same
+iterations) -> evaluate all three (--eval-only; the CSGR student through its exported plain
+checkpoint) -> table (markdown + json), bar chart, visualizations, all under ``output/demo/``.
+
+Every stage is a call of the project's own command-line tools, so the demo exercises exactly
+what a user runs. One progress line per stage, with elapsed time and ETA.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CFG = os.path.join("configs", "demo")
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+#: name -> (config, weights to evaluate, config used for evaluation)
+MODELS = {
+    "teacher R50": ("teacher-RetinaNet-R50.yaml", "output/demo/teacher/model_final.pth",
+                    "teacher-RetinaNet-R50.yaml"),
+    "student R18 (baseline)": ("student-RetinaNet-R18.yaml",
+                               "output/demo/student_baseline/model_final.pth",
+                               "student-RetinaNet-R18.yaml"),
+    # the distilled student is evaluated from its exported checkpoint with the *plain* config
+    "student R18 + CSGR": ("CSGR-RetinaNet-R18.yaml",
+                           "output/demo/student_csgr/model_final_student.pth",
+                           "student-RetinaNet-R18.yaml"),
+}
+#: rough relative cost of each stage on the 2-core reference machine (seconds), for the ETA only
+STAGE_COST = {"data": 30, "teacher": 330, "baseline": 170, "csgr": 330, "eval": 60, "report": 50}
+
+
+def fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """Prints one line per stage: index, name, stage time, elapsed, ETA (scaled by observed speed)."""
+
+    def __init__(self, stages):
+        self.stages = stages
+        self.t0 = time.time()
+        self.done_est = 0.0
+
+    def run(self, key, title, fn):
+        i = self.stages.index(key) + 1
+        print(f"[{i}/{len(self.stages)}] {title} ...", flush=True)
+        t = time.time()
+        result = fn()
+        took = time.time() - t
+        self.done_est += STAGE_COST[key]
+        elapsed = time.time() - self.t0
+        speed = elapsed / max(self.done_est, 1e-6)
+        remaining = sum(STAGE_COST[k] for k in self.stages[i:]) * speed
+        print(f"[{i}/{len(self.stages)}] {title}: done in {fmt(took)} | elapsed {fmt(elapsed)} | "
+              f"ETA {fmt(remaining)}", flush=True)
+        return result
+
+
+def run_tool(args, log_path):
+    """Run a project tool in a subprocess, its output to ``log_path``; raise with the log tail."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable] + args, cwd=REPO, stdout=log,
+                              stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            tail = "".join(f.readlines()[-30:])
+        raise RuntimeError(f"'{' '.join(args)}' failed (exit {proc.returncode}); log {log_path}:\n"
+                           f"{tail}")
+
+
+def train(config, opts, log_name):
+    # No evaluation during training: the eval stage evaluates every model the same way.
+    run_tool(["tools/train_net.py", "--config-file", os.path.join(DEMO_CFG, config),
+              "DATASETS.TEST", "()"] + opts, os.path.join("output/demo/logs", log_name + ".log"))
+
+
+def evaluate(name, opts):
+    _, weights, eval_cfg = MODELS[name]
+    out_dir = os.path.join("output/demo/eval", name.split(" (")[0].replace(" + ", "_")
+                           .replace(" ", "_").lower())
+    run_tool(["tools/train_net.py", "--config-file", os.path.join(DEMO_CFG, eval_cfg),
+              "--eval-only", "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out_dir] + opts,
+             os.path.join("output/demo/logs", "eval_" + os.path.basename(out_dir) + ".log"))
+    with open(os.path.join(REPO, out_dir, "eval_results.json")) as f:
+        return json.load(f)["bbox"]
+
+
+def write_report(results, out_dir, iters):
+    """Markdown + json table and a bar chart; returns the markdown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(results)
+    lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(f"{results[n][m]:.2f}" for m in METRICS) + " |")
+    base, csgr = results["student R18 (baseline)"], results["student R18 + CSGR"]
+    teacher = results["teacher R50"]
+    gap = teacher["AP"] - base["AP"]
+    closed = (csgr["AP"] - base["AP"]) / gap * 100 if abs(gap) > 1e-9 else float("nan")
+    lines.append("")
+    lines.append(f"CSGR gain over the baseline student: {csgr['AP'] - base['AP']:+.2f} AP "
+                 f"({closed:.0f}% of the teacher-student gap of {gap:.2f} AP); "
+                 f"students trained {iters} iterations each on shapes_train, evaluated on "
+                 "shapes_val.")
+    md = "\n".join(lines)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"results": results, "student_iters": iters,
+                   "gain_AP": csgr["AP"] - base["AP"], "gap_closed_percent": closed}, f, indent=2)
+
+    x = np.arange(len(METRICS))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, n in enumerate(names):
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, [results[n][m] for m in METRICS], width,
+               label=n)
+    ax.set_xticks(x, METRICS)
+    ax.set_ylabel("COCO metric on shapes_val")
+    ax.set_title("Demo: teacher vs baseline student vs CSGR-distilled student")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "results.png"), dpi=120)
+    plt.close(fig)
+    return md
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher-iters", type=int, default=None,
+                        help="override SOLVER.MAX_ITER of the teacher (default: its config)")
+    parser.add_argument("--student-iters", type=int, default=None,
+                        help="override SOLVER.MAX_ITER of both students (default: their config)")
+    args = parser.parse_args()
+    os.chdir(REPO)
+    out_dir = "output/demo"
+    os.makedirs(out_dir, exist_ok=True)
+
+    def iters_opts(n):
+        # keep the lr steps at the same fractions of the schedule
+        return [] if n is None else ["SOLVER.MAX_ITER", str(n), "SOLVER.STEPS",
+                                     f"({int(n * 0.8)}, {int(n * 0.95)})"]
+
+    stages = ["data", "teacher", "baseline", "csgr", "eval", "report"]
+    progress = Progress(stages)
+
+    def data():
+        import csgr_distill.data  # noqa: F401
+        from detectron2.data import DatasetCatalog
+
+        return {s: len(DatasetCatalog.get(f"shapes_{s}")) for s in ("train", "val")}
+
+    sizes = progress.run("data", "generate synthetic shapes", data)
+    print(f"      shapes_train: {sizes['train']} images, shapes_val: {sizes['val']} images")
+    progress.run("teacher", "train teacher (RetinaNet R50-FPN)",
+                 lambda: train(MODELS["teacher R50"][0], iters_opts(args.teacher_iters),
+                               "teacher"))
+    progress.run("baseline", "train baseline student (RetinaNet R18-FPN)",
+                 lambda: train(MODELS["student R18 (baseline)"][0],
+                               iters_opts(args.student_iters), "student_baseline"))
+    progress.run("csgr", "train CSGR student (RetinaNet R18-FPN <- R50 teacher)",
+                 lambda: train(MODELS["student R18 + CSGR"][0], iters_opts(args.student_iters),
+                               "student_csgr"))
+    results = progress.run("eval", "evaluate all three on shapes_val (--eval-only)",
+                           lambda: {n: evaluate(n, []) for n in MODELS})
+
+    def report():
+        from csgr_distill.config import add_distill_config  # noqa: F401
+        from detectron2.config import get_cfg
+
+        cfg = get_cfg()
+        add_distill_config(cfg)
+        cfg.merge_from_file(os.path.join(DEMO_CFG, "student-RetinaNet-R18.yaml"))
+        iters = args.student_iters or cfg.SOLVER.MAX_ITER
+        md = write_report(results, out_dir, iters)
+        run_tool(["tools/visualize.py", "--config-file",
+                  os.path.join(DEMO_CFG, "CSGR-RetinaNet-R18.yaml"),
+                  "--weights", "output/demo/student_csgr/model_final.pth",
+                  "--dataset", "shapes_val", "--num-images", "3",
+                  "--output", os.path.join(out_dir, "vis")],
+                 os.path.join(out_dir, "logs", "visualize.log"))
+        return md
+
+    md = progress.run("report", "write table, chart and visualizations", report)
+    print()
+    print(md)
+    print()
+    print(f"Written: {out_dir}/results.md, results.json, results.png, vis/*.png, logs/*.log")
+    print(f"Total time {fmt(time.time() - progress.t0)}. Benchmarks of every method: README "
+          "'Results' (tools/benchmark.py).")
+
+
+if __name__ == "__main__":
+    main()
