@@ -165,7 +165,7 @@ def test_classifier_gets_gradient_through_teacher_branch():
     s_hat, t_hat = d.normalized(s, "p3", "student"), d.normalized(t, "p3", "teacher")
     v_s = category_vectors(d._category_attention(s_hat, "p3"), s_hat)
     v_t = category_vectors(d._category_attention(t_hat, "p3"), t_hat)
-    (g_manual,) = torch.autograd.grad((v_t - v_s).pow(2).sum() / 2, w)
+    (g_manual,) = torch.autograd.grad((v_t - v_s).pow(2).sum() / 2, w, retain_graph=True)
     v_t_cut = category_vectors(d._category_attention(t_hat, "p3").detach(), t_hat)
     (g_student_only,) = torch.autograd.grad((v_t_cut - v_s).pow(2).sum() / 2, w)
     assert torch.allclose(g_full, g_manual, atol=1e-12)

@@ -27,7 +27,6 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.evaluation.testing import flatten_results_dict, print_csv_format
 from detectron2.structures import Boxes, BoxMode, Instances
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fresh(prefix):
@@ -488,6 +487,20 @@ def test_shapes_concurrent_generation(tmp_path):
     ref = str(tmp_path / "ref")
     D.generate_shapes(ref, "train", num_images=8, seed=5)
     assert _read_split(root, "train") == _read_split(ref, "train")
+
+    # a process that finishes second keeps the complete split that is already in place
+    split_dir = os.path.join(root, "train")
+    before = os.stat(os.path.join(split_dir, "annotations.json")).st_mtime_ns
+    late = tmp_path / "shapes" / ".tmp-late"
+    late.mkdir()
+    (late / "FROM_LATE_PROCESS").write_text("x")
+    digest = json.load(open(os.path.join(split_dir, "COMPLETE")))["hash"]
+    shapes_mod._move_into_place(str(late), split_dir, digest)
+    assert not os.path.exists(os.path.join(split_dir, "FROM_LATE_PROCESS"))
+    assert os.stat(os.path.join(split_dir, "annotations.json")).st_mtime_ns == before
+    # ... but replaces a stale one (other parameters)
+    shapes_mod._move_into_place(str(late), split_dir, "another-hash")
+    assert os.listdir(split_dir) == ["FROM_LATE_PROCESS"]
 
 
 def test_shapes_registered_generated_on_first_use(tmp_path):

@@ -10,7 +10,6 @@ PASCAL VOC uses detectron2's builtin names (``voc_2007_trainval``, ``voc_2007_te
 Roots live under ``$DETECTRON2_DATASETS`` (default ``./datasets``), read when registering; the
 layouts are in ``datasets/README.md``.
 """
-import os
 from typing import List, Optional
 
 from detectron2.data import MetadataCatalog

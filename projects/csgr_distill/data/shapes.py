@@ -60,7 +60,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SHAPES_VERSION = 1
+SHAPES_VERSION = 2  # bump whenever the drawn content changes: complete splits are then replaced
 SHAPES_CLASSES = (
     "circle",
     "ellipse",
@@ -345,7 +345,7 @@ def _move_into_place(tmp: str, split_dir: str, digest: str) -> None:
             os.rename(tmp, split_dir)  # atomic; fails if split_dir exists and is not empty
             return
         except OSError:
-            if False:
+            if _is_complete(split_dir, digest):
                 return  # another process finished first: keep its copy
             # stale or incomplete (other parameters, other version): move it aside and retry
             stale = tempfile.mkdtemp(prefix=".stale-", dir=os.path.dirname(split_dir))

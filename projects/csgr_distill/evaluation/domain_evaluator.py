@@ -2,11 +2,9 @@
 import contextlib
 import copy
 import io
-import itertools
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 from pycocotools.cocoeval import COCOeval
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -103,7 +101,7 @@ class DomainCOCOEvaluator(COCOEvaluator):
 
     def _eval_predictions(self, predictions, img_ids=None):
         # the parent maps category ids in place (and loadRes adds fields): keep a pristine copy
-        coco_results = copy.deepcopy(list(itertools.chain(*[x["instances"] for x in predictions])))
+        coco_results = copy.deepcopy([r for x in predictions for r in x.get("instances", [])])
         super()._eval_predictions(predictions, img_ids=img_ids)
         if not self._tags or not self._do_evaluation or "bbox" not in self._results:
             return
