@@ -9,7 +9,8 @@ from torch import nn
 
 from csgr_distill.config import add_distill_config
 from csgr_distill.distillers import DISTILLER_REGISTRY
-from csgr_distill.distillers.csgr import CSGRDistiller, category_vectors, num_classes_of
+from csgr_distill.distillers.csgr import CSGRDistiller, category_vectors
+from csgr_distill.teacher import num_classes_of
 from csgr_distill.layers.reference import loop_category_vectors, loop_channel_standardize
 from csgr_distill.outputs import DetectorOutputs
 

@@ -109,3 +109,21 @@ def test_resume_restores_distiller_parameters(distill_run):
         assert torch.equal(state[k], saved["model"][k]), k
         differs |= not torch.equal(fresh[k], saved["model"][k])
     assert differs, "a freshly built model must differ, or this test proves nothing"
+
+
+def test_visualize_writes_detections_and_attention_pictures(distill_run, tmp_path):
+    tmp, cfg, yaml_path = distill_run
+    import cv2
+    import visualize
+
+    out = str(tmp_path / "vis")
+    written = visualize.main(["--config-file", yaml_path, "--weights",
+                              os.path.join(cfg.OUTPUT_DIR, "model_final.pth"),
+                              "--dataset", TINY_VAL, "--num-images", "1", "--output", out])
+    names = sorted(os.path.basename(p).split("_", 1)[1] for p in written)
+    assert names == ["csgr_category_attention.png", "csgr_criss_cross.png", "detections.png"]
+    detections = cv2.imread([p for p in written if p.endswith("detections.png")][0])
+    assert detections.shape[1] >= 3 * 64  # ground truth | teacher | student
+    attention = cv2.imread([p for p in written if p.endswith("category_attention.png")][0])
+    assert attention.shape[0] >= 2 * 64 and attention.shape[1] >= 8 * 64  # 2 roles x 8 classes
+    assert attention.std() > 10  # heat maps, not blank tiles

@@ -12,20 +12,13 @@ from torch.nn import functional as F
 
 from ..layers.adapters import build_channel_adapter, channel_standardize
 from ..layers.criss_cross import CrissCrossAttention
+from ..teacher import num_classes_of
 from .registry import register_distiller
 
-__all__ = ["CSGRDistiller", "num_classes_of", "category_vectors"]
+__all__ = ["CSGRDistiller", "category_vectors", "spatial_softmax"]
 
 _ATTENTIONS = ("learned", "teacher_head")
 _RECURRENCES = (1, 2)
-
-
-def num_classes_of(cfg) -> int:
-    """K of a detectron2 cfg: ``MODEL.RETINANET.NUM_CLASSES`` for RetinaNet-like
-    meta-architectures, ``MODEL.ROI_HEADS.NUM_CLASSES`` otherwise."""
-    if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE:
-        return int(cfg.MODEL.RETINANET.NUM_CLASSES)
-    return int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
 
 
 def spatial_softmax(logits: Tensor) -> Tensor:
@@ -154,14 +147,7 @@ class CSGRDistiller(nn.Module):
     @classmethod
     def from_config(cls, cfg, student_shapes, teacher_shapes):
         c = cfg.MODEL.DISTILL.CSGR
-        in_features = list(c.IN_FEATURES)
-        for role, shapes in (("student", student_shapes), ("teacher", teacher_shapes)):
-            missing = [f for f in in_features if f not in shapes]
-            if missing:
-                raise ValueError(
-                    f"MODEL.DISTILL.CSGR.IN_FEATURES names levels {missing} that the {role} does "
-                    f"not produce (it has {sorted(shapes)})"
-                )
+        in_features = [f for f in c.IN_FEATURES if f in student_shapes and f in teacher_shapes]
         for f in in_features:
             ss, ts = student_shapes[f].stride, teacher_shapes[f].stride
             if ss is not None and ts is not None and ss != ts:
@@ -170,9 +156,9 @@ class CSGRDistiller(nn.Module):
                     f"but {ts} in the teacher; distil only levels of equal stride"
                 )
         return {
-            "in_features": in_features,
-            "student_channels": {f: student_shapes[f].channels for f in in_features},
-            "teacher_channels": {f: teacher_shapes[f].channels for f in in_features},
+            "in_features": list(c.IN_FEATURES),  # __init__ reports levels a network lacks
+            "student_channels": {f: s.channels for f, s in student_shapes.items()},
+            "teacher_channels": {f: t.channels for f, t in teacher_shapes.items()},
             "num_classes": num_classes_of(cfg),
             "alpha": c.ALPHA,
             "beta": c.BETA,

@@ -132,11 +132,15 @@ class DistillMixin:
     ) -> DetectorOutputs:
         raise NotImplementedError
 
+    def teacher_inputs(self, teacher: nn.Module, batched_inputs: List[dict]) -> List[dict]:
+        """The batch in the teacher's channel order (INPUT.FORMAT RGB vs BGR)."""
+        if teacher.input_format == self.input_format:
+            return batched_inputs
+        if {teacher.input_format, self.input_format} != {"RGB", "BGR"}:
+            raise ValueError(f"Teacher INPUT.FORMAT {teacher.input_format} cannot be derived "
+                             f"from the student's {self.input_format}")
+        return [dict(x, image=x["image"].flip(0)) for x in batched_inputs]
+
     def teacher_images(self, teacher: nn.Module, batched_inputs: List[dict]):
-        """The batch as the teacher expects it: its own pixel mean/std and channel order."""
-        if teacher.input_format != self.input_format:
-            if {teacher.input_format, self.input_format} != {"RGB", "BGR"}:
-                raise ValueError(f"Teacher INPUT.FORMAT {teacher.input_format} cannot be derived "
-                                 f"from the student's {self.input_format}")
-            batched_inputs = [dict(x, image=x["image"].flip(0)) for x in batched_inputs]
-        return teacher.preprocess_image(batched_inputs)
+        """The batch as the teacher expects it: its own channel order, pixel mean/std, padding."""
+        return teacher.preprocess_image(self.teacher_inputs(teacher, batched_inputs))
