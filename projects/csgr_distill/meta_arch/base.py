@@ -1,18 +1,23 @@
 """DistillMixin: the teacher, the distillers, the decay factor and the loss assembly.
 
 Shared by every ``Distill*`` meta-architecture. A concrete class mixes it in front of a detectron2
-meta-architecture and provides two detector-specific pieces:
+meta-architecture (``class DistillRetinaNet(DistillMixin, RetinaNet)``) and provides three
+detector-specific pieces:
 
-* ``teacher_outputs(teacher, batched_inputs, fields) -> DetectorOutputs`` — the teacher's pass;
-* a call to :meth:`add_distill_losses` from its training path with the student's
-  :class:`DetectorOutputs`.
+* ``recorded_modules(fields)``: the student's submodules whose outputs a training step must keep
+  (e.g. ``backbone``, ``head``); they are captured with forward hooks, so the base class's own
+  ``forward`` runs unchanged;
+* ``student_outputs(record, batched_inputs, fields) -> DetectorOutputs`` from those captures;
+* ``teacher_outputs(teacher, batched_inputs, fields) -> DetectorOutputs``: the teacher's pass.
 
 With ``MODEL.DISTILL.ENABLED = False`` nothing of this is built and the class is its base class.
 """
+import contextlib
 import logging
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
@@ -22,7 +27,7 @@ from ..teacher import FrozenTeacher, build_teacher_cfg
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistillMixin", "distill_init_kwargs", "teacher_feature_shapes"]
+__all__ = ["DistillMixin", "distill_init_kwargs", "image_sizes_of", "teacher_feature_shapes"]
 
 
 def teacher_feature_shapes(teacher_cfg) -> Dict[str, ShapeSpec]:
@@ -59,7 +64,12 @@ class DistillMixin:
         distill_factor: current decay factor; set by the trainer's decay hook every iteration.
     """
 
-    def init_distill(self, distillers: Optional[nn.ModuleDict], distill_cfg) -> None:
+    #: DetectorOutputs fields this meta-architecture can record (subset of OUTPUT_FIELDS).
+    supported_fields: Tuple[str, ...] = ("features",)
+
+    @configurable
+    def __init__(self, *, distillers: Optional[nn.ModuleDict] = None, distill_cfg=None, **kwargs):
+        super().__init__(**kwargs)
         self.distillers = distillers
         self.distill_factor = 1.0
         # Not an nn.Module attribute: plain objects stay out of the module tree.
@@ -68,10 +78,19 @@ class DistillMixin:
         fields = set()
         for d in (distillers or {}).values():
             fields.update(d.required_outputs)
-        unknown = fields - set(OUTPUT_FIELDS)
-        if unknown:
-            raise ValueError(f"Distillers request unknown DetectorOutputs fields {sorted(unknown)}")
+        unsupported = fields - set(self.supported_fields)
+        if unsupported:
+            raise ValueError(
+                f"{type(self).__name__} cannot provide {sorted(unsupported)} to the distillers "
+                f"{list(distillers)} (it records {list(self.supported_fields)}); check "
+                "MODEL.DISTILL.METHODS and the methods' options")
         self.distill_fields: Tuple[str, ...] = tuple(f for f in OUTPUT_FIELDS if f in fields)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret.update(distill_init_kwargs(cfg, ret["backbone"].output_shape()))
+        return ret
 
     @property
     def distill_enabled(self) -> bool:
@@ -108,7 +127,43 @@ class DistillMixin:
             self._teacher.model.eval()  # the teacher is always in eval mode
         return self
 
-    # ---- losses --------------------------------------------------------------------------
+    # ---- training step -------------------------------------------------------------------
+    def forward(self, batched_inputs: List[dict]):
+        if not (self.training and self.distill_enabled):
+            return super().forward(batched_inputs)
+        with self._recording(self.recorded_modules(self.distill_fields)) as record:
+            losses = super().forward(batched_inputs)
+        student = self.student_outputs(record, batched_inputs, self.distill_fields)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        return self.add_distill_losses(losses, student, batched_inputs, gt_instances)
+
+    @contextlib.contextmanager
+    def _recording(self, modules: Dict[str, nn.Module]):
+        """Capture one forward pass with forward hooks: ``record[name]`` is the module's output,
+        ``record[name + "_input"]`` its first positional input."""
+        record: Dict[str, object] = {}
+
+        def hook(key):
+            def fn(_module, inputs, output):
+                record[key] = output
+                record[key + "_input"] = inputs[0] if inputs else None
+            return fn
+
+        handles = [m.register_forward_hook(hook(key)) for key, m in modules.items()]
+        try:
+            yield record
+        finally:
+            for h in handles:
+                h.remove()
+
+    def recorded_modules(self, fields: Tuple[str, ...]) -> Dict[str, nn.Module]:
+        """Student submodules whose outputs :meth:`student_outputs` needs (default: backbone)."""
+        return {"backbone": self.backbone}
+
+    def student_outputs(self, record: dict, batched_inputs: List[dict],
+                        fields: Tuple[str, ...]) -> DetectorOutputs:
+        raise NotImplementedError
+
     def add_distill_losses(
         self,
         losses: Dict[str, Tensor],
@@ -144,3 +199,8 @@ class DistillMixin:
     def teacher_images(self, teacher: nn.Module, batched_inputs: List[dict]):
         """The batch as the teacher expects it: its own channel order, pixel mean/std, padding."""
         return teacher.preprocess_image(self.teacher_inputs(teacher, batched_inputs))
+
+
+def image_sizes_of(batched_inputs: List[dict]) -> List[Tuple[int, int]]:
+    """``(h, w)`` of every (resized, unpadded) input image, as ``ImageList.image_sizes``."""
+    return [tuple(x["image"].shape[-2:]) for x in batched_inputs]
