@@ -187,3 +187,21 @@ def test_adapter():
     assert isinstance(ad, nn.Conv2d) and ad.kernel_size == (1, 1) and ad.bias is not None
     assert ad(torch.randn(2, 8, 3, 3)).shape == (2, 16, 3, 3)
     assert isinstance(build_channel_adapter(16, 16), nn.Identity)
+
+
+@pytest.mark.parametrize("recurrence", [1, 2])
+def test_paired_difference_equals_difference_of_outputs(recurrence):
+    torch.manual_seed(5)
+    block = CrissCrossAttention(16, recurrence=recurrence).double()
+    with torch.no_grad():
+        block.gamma.fill_(0.8)
+        block.value.bias.normal_()
+    a = torch.randn(2, 16, 5, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 16, 5, 7, dtype=torch.float64, requires_grad=True)
+    fast = block.paired_difference(a, b)
+    slow = block(a) - block(b)
+    assert torch.allclose(fast, slow, rtol=1e-10, atol=1e-12)
+    g_fast = torch.autograd.grad(fast.pow(2).sum(), [a, b, block.value.weight, block.gamma])
+    g_slow = torch.autograd.grad(slow.pow(2).sum(), [a, b, block.value.weight, block.gamma])
+    for x, y in zip(g_fast, g_slow):
+        assert torch.allclose(x, y, rtol=1e-8, atol=1e-10)

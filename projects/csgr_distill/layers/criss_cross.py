@@ -17,7 +17,9 @@ The implementation avoids the per-call ``[N*W, H, H]`` ``-inf`` diagonal tensors
 implementation (see :mod:`csgr_distill.layers.reference`): the column energies are computed as
 one batched matmul into a fresh ``[N, W, H, H]`` tensor whose diagonal is filled with ``-inf`` in
 place (matmul's backward needs only its inputs, so this is autograd-safe), and the row and column
-energies share one softmax.
+energies share one softmax. :meth:`CrissCrossAttention.paired_difference` computes
+``CCA(a) - CCA(b)`` (what a distillation loss needs) with one batched pass and one value
+projection.
 """
 import torch
 from torch import Tensor, nn
@@ -60,44 +62,75 @@ class CrissCrossAttention(nn.Module):
         return f"in_channels={self.in_channels}, recurrence={self.recurrence}"
 
     # ------------------------------------------------------------------ core
-    def _energies(self, x: Tensor):
-        """Returns ``attention [N, H, W, H + W]`` (column part first) and ``v [N, C, H, W]``."""
-        n, _, h, w = x.shape
+    def _attention(self, x: Tensor) -> Tensor:
+        """Criss-cross attention weights ``[N, H, W, H + W]`` (column part first) of ``x``."""
         q = self.query(x)
         k = self.key(x)
-        v = self.value(x)
         # column energies, batched over (n, w): [N, W, H, C'] @ [N, W, C', H] -> [N, W, H, H]
         e_col = torch.matmul(q.permute(0, 3, 2, 1), k.permute(0, 3, 1, 2))
         e_col.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
         # row energies, batched over (n, h): [N, H, W, C'] @ [N, H, C', W] -> [N, H, W, W]
         e_row = torch.matmul(q.permute(0, 2, 3, 1), k.permute(0, 2, 1, 3))
         energy = torch.cat([e_col.permute(0, 2, 1, 3), e_row], dim=3)  # [N, H, W, H + W]
-        return F.softmax(energy, dim=3), v
+        return F.softmax(energy, dim=3)
+
+    @staticmethod
+    def _aggregate(att: Tensor, y: Tensor) -> Tensor:
+        """``out[n, :, i, j] = sum_i' a_col y[n, :, i', j] + sum_j' a_row y[n, :, i, j']``.
+
+        Args:
+            att: ``[N, H, W, H + W]`` from :meth:`_attention`; y: ``[N, C, H, W]``.
+        """
+        h = y.shape[2]
+        a_col = att[..., :h]  # [N, H(i), W(j), H(i')]
+        a_row = att[..., h:]  # [N, H(i), W(j), W(j')]
+        #   batched over (n, j): [N, W, C, H(i')] @ [N, W, H(i'), H(i)] -> [N, W, C, H(i)]
+        out_col = torch.matmul(y.permute(0, 3, 1, 2), a_col.permute(0, 2, 3, 1))
+        #   batched over (n, i): [N, H, C, W(j')] @ [N, H, W(j'), W(j)] -> [N, H, C, W(j)]
+        out_row = torch.matmul(y.permute(0, 2, 1, 3), a_row.transpose(2, 3))
+        return out_col.permute(0, 2, 3, 1) + out_row.permute(0, 2, 1, 3)
 
     def _single_pass(self, x: Tensor) -> Tensor:
         """One criss-cross pass: ``gamma * out + x``, ``[N, C, H, W] -> [N, C, H, W]``."""
-        h = x.shape[2]
-        att, v = self._energies(x)
-        a_col = att[..., :h]  # [N, H(i), W(j), H(i')]
-        a_row = att[..., h:]  # [N, H(i), W(j), W(j')]
-        # out_col[n, c, i, j] = sum_i' v[n, c, i', j] a_col[n, i, j, i']
-        #   batched over (n, j): [N, W, C, H(i')] @ [N, W, H(i'), H(i)] -> [N, W, C, H(i)]
-        out_col = torch.matmul(v.permute(0, 3, 1, 2), a_col.permute(0, 2, 3, 1))
-        # out_row[n, c, i, j] = sum_j' v[n, c, i, j'] a_row[n, i, j, j']
-        #   batched over (n, i): [N, H, C, W(j')] @ [N, H, W(j'), W(j)] -> [N, H, C, W(j)]
-        out_row = torch.matmul(v.permute(0, 2, 1, 3), a_row.transpose(2, 3))
-        out = out_col.permute(0, 2, 3, 1) + out_row.permute(0, 2, 1, 3)
+        out = self._aggregate(self._attention(x), self.value(x))
         return torch.addcmul(x, self.gamma, out)  # gamma * out + x in one pass
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [N, C, H, W] -> [N, C, H, W]``: ``recurrence`` criss-cross passes."""
+        self._check(x)
+        for _ in range(self.recurrence):
+            x = self._single_pass(x)
+        return x
+
+    def paired_difference(self, a: Tensor, b: Tensor) -> Tensor:
+        """``CCA(a) - CCA(b)`` for two maps ``[N, C, H, W]`` (e.g. teacher and student).
+
+        Both go through the shared block in one batch. With one pass the value projection is
+        applied once, to the difference: every attention row sums to 1, so
+        ``sum a (W_v y + b_v) = W_v (sum a y) + b_v`` and
+        ``CCA(a) - CCA(b) = (a - b) + gamma * W_v (agg_a(a) - agg_b(b))`` (``b_v`` cancels).
+        """
+        self._check(a)
+        if a.shape != b.shape:
+            raise ValueError(f"paired_difference needs equal shapes, got {tuple(a.shape)} and "
+                             f"{tuple(b.shape)}")
+        n = a.shape[0]
+        both = torch.cat([a, b])
+        if self.recurrence > 1:
+            out = self.forward(both)
+            return out[:n] - out[n:]
+        agg = self._aggregate(self._attention(both), both)
+        # "+ b_v - b_v": the bias stays in the graph (its gradient is exactly 0, as in the
+        # formula) so that DDP sees every parameter used.
+        bias = self.value.bias
+        projected = F.conv2d(agg[:n] - agg[n:], self.value.weight, bias) - bias.view(1, -1, 1, 1)
+        return torch.addcmul(a - b, self.gamma, projected)
+
+    def _check(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"CrissCrossAttention expects [N, {self.in_channels}, H, W], got {tuple(x.shape)}"
             )
-        for _ in range(self.recurrence):
-            x = self._single_pass(x)
-        return x
 
     # ------------------------------------------------------------------ visualisation
     @torch.no_grad()

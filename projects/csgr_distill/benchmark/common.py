@@ -1,0 +1,93 @@
+"""What every benchmark part shares: machine description, timing, result files."""
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+
+def machine_info(device: str) -> Dict[str, str]:
+    """Where and with what a number was measured."""
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "cpu": _cpu_name(),
+        "cores": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_calls(fn: Callable[[], object], device: str, repeats: int, warmup: int) -> List[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(x):
+        return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_dir: str, part: str, section: str, payload: dict, markdown: str) -> None:
+    """Update ``results/<part>.json`` and ``results/<part>.md`` with one section (e.g. a device).
+
+    Sections of other devices/detectors already in the files are kept, so CPU and GPU rows of the
+    same part live side by side.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, f"{part}.json")
+    data = {}
+    if os.path.isfile(json_path):
+        with open(json_path) as f:
+            data = json.load(f)
+    data[section] = dict(payload, markdown=markdown.rstrip())
+    with open(json_path, "w") as f:
+        json.dump(data, f, indent=2)
+    with open(os.path.join(out_dir, f"{part}.md"), "w") as f:
+        f.write("\n\n".join(v["markdown"] for _, v in sorted(data.items())) + "\n")
+
+
+def header_lines(title: str, info: Dict[str, str], command: str) -> str:
+    machine = ", ".join(f"{k} {v}" for k, v in info.items() if k != "date")
+    return f"### {title}\n\n{info['date']} · {machine}\n\n`{command}`\n"

@@ -1,0 +1,148 @@
+"""kernels: forward+backward time of each distiller's loss on realistic FPN shapes, ours against a
+straightforward implementation of the same formula (``references.py``), plus their difference."""
+import math
+from typing import Dict, List
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+
+from ..config import add_distill_config
+from ..distillers import DISTILLER_REGISTRY
+from ..layers import CrissCrossAttention
+from ..layers.reference import NaiveCrissCrossAttention
+from ..outputs import DetectorOutputs
+from .common import header_lines, machine_info, markdown_table, median, time_calls, write_results
+from .references import REFERENCE_LOSSES
+
+LEVELS = {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
+
+
+def fpn_shapes(height: int, width: int, divisibility: int = 32) -> Dict[str, tuple]:
+    """Level -> (H, W) of an FPN on an input padded to ``divisibility`` (RetinaNet p3-p7)."""
+    ph = math.ceil(height / divisibility) * divisibility
+    pw = math.ceil(width / divisibility) * divisibility
+    return {k: (math.ceil(ph / s), math.ceil(pw / s)) for k, s in LEVELS.items()}
+
+
+def _variants(name: str):
+    """(label, cfg overrides) of the options worth timing for a distiller."""
+    if name == "CSGR":
+        return [("CSGR", []), ("CSGR recurrence 2", ["MODEL.DISTILL.CSGR.RECURRENCE", 2])]
+    return [(name, [])]
+
+
+def _build(name, opts, channels, num_classes, device):
+    cfg = add_distill_config(get_cfg())
+    cfg.MODEL.META_ARCHITECTURE = "DistillRetinaNet"
+    cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
+    cfg.merge_from_list(opts)
+    shapes = {k: ShapeSpec(channels=channels, stride=s) for k, s in LEVELS.items()}
+    distiller = DISTILLER_REGISTRY.get(name)(cfg, shapes, shapes).to(device)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained state: gamma != 0 so every term matters
+        for p in distiller.parameters():
+            if p.numel() == 1:
+                p.fill_(0.5)
+    return distiller
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333, batch: int = 2,
+        channels: int = 256, num_classes: int = 6, repeats: int = 5, warmup: int = 1,
+        command: str = "") -> dict:
+    sizes = fpn_shapes(height, width)
+    g = torch.Generator().manual_seed(0)
+    feats = {
+        role: {k: torch.randn(batch, channels, h, w, generator=g).to(device) for k, (h, w) in
+               sizes.items()}
+        for role in ("student", "teacher")
+    }
+    rows: List[dict] = []
+    for name in sorted(DISTILLER_REGISTRY._obj_map):
+        if name not in REFERENCE_LOSSES:
+            rows.append({"method": name, "note": "no straightforward reference registered"})
+            continue
+        for label, opts in _variants(name):
+            distiller = _build(name, opts, channels, num_classes, device)
+            s_feats = {k: v.clone().requires_grad_(True) for k, v in feats["student"].items()}
+            s_out = DetectorOutputs(image_sizes=[(height, width)] * batch,
+                                    padded_size=(height, width), features=s_feats,
+                                    feature_names=list(LEVELS))
+            t_out = DetectorOutputs(image_sizes=[(height, width)] * batch,
+                                    padded_size=(height, width), features=feats["teacher"],
+                                    feature_names=list(LEVELS))
+
+            def ours():
+                return distiller(s_out, t_out, [])
+
+            def reference():
+                return REFERENCE_LOSSES[name](distiller, s_feats, feats["teacher"])
+
+            results = {}
+            for key, fn in (("ours", ours), ("reference", reference)):
+                distiller.zero_grad(set_to_none=True)
+                for v in s_feats.values():
+                    v.grad = None
+                losses = fn()
+                sum(losses.values()).backward()
+                results[key] = {
+                    "losses": {k: v.detach().double() for k, v in losses.items()},
+                    "grad": torch.cat([s_feats[k].grad.flatten() for k in LEVELS]).double(),
+                }
+
+            def step(fn):
+                def call():
+                    distiller.zero_grad(set_to_none=True)
+                    sum(fn().values()).backward()
+                return call
+
+            t_ours, t_ref = [], []
+            for _ in range(repeats):  # interleaved, so drift affects both alike
+                t_ours += time_calls(step(ours), device, 1, warmup)
+                t_ref += time_calls(step(reference), device, 1, warmup)
+            loss_rel = max(_rel(results["ours"]["losses"][k], results["reference"]["losses"][k])
+                           for k in results["ours"]["losses"])
+            grad_rel = _rel(results["ours"]["grad"], results["reference"]["grad"])
+            rows.append({"method": label, "ours_ms": 1e3 * median(t_ours),
+                         "reference_ms": 1e3 * median(t_ref),
+                         "speedup": median(t_ref) / median(t_ours),
+                         "max_rel_diff_loss": loss_rel, "max_rel_diff_grad": grad_rel})
+
+    # the criss-cross layer alone, at the largest level
+    h, w = sizes["p3"]
+    x = torch.randn(batch, channels, h, w, generator=g).to(device).requires_grad_(True)
+    layer = CrissCrossAttention(channels).to(device)
+    naive = NaiveCrissCrossAttention(channels).to(device)
+    naive.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        layer.gamma.fill_(0.5)
+        naive.gamma.fill_(0.5)
+    cc = {"ours": [], "reference": []}
+    for _ in range(repeats):
+        for key, mod in (("ours", layer), ("reference", naive)):
+            cc[key] += time_calls(lambda m=mod: m(x).pow(2).sum().backward(), device, 1, warmup)
+    with torch.no_grad():
+        cc_rel = _rel(layer(x).double(), naive(x).double())
+    rows.append({"method": f"criss-cross layer alone (p3 {h}x{w})",
+                 "ours_ms": 1e3 * median(cc["ours"]), "reference_ms": 1e3 * median(cc["reference"]),
+                 "speedup": median(cc["reference"]) / median(cc["ours"]),
+                 "max_rel_diff_loss": cc_rel, "max_rel_diff_grad": float("nan")})
+
+    info = machine_info(device)
+    setting = (f"input {height}x{width} (p3..p7 = "
+               + ", ".join(f"{h}x{w}" for h, w in sizes.values())
+               + f"), batch {batch}, {channels} channels, K={num_classes}, forward+backward, "
+               f"median of {repeats} interleaved repeats")
+    table = markdown_table(
+        ["loss", "ours (ms)", "straightforward (ms)", "speed-up", "max rel diff (loss)",
+         "max rel diff (grad)"],
+        [[r["method"], r.get("ours_ms", "-"), r.get("reference_ms", "-"), r.get("speedup", "-"),
+          r.get("max_rel_diff_loss", "-"), r.get("max_rel_diff_grad", "-")] for r in rows])
+    md = header_lines(f"kernels ({device})", info, command) + "\n" + setting + "\n\n" + table
+    payload = {"machine": info, "setting": setting, "rows": rows}
+    write_results(out_dir, "kernels", device, payload, md)
+    return payload

@@ -1,0 +1,64 @@
+"""tools/benchmark.py's parts on tiny inputs: they run, cover every registered distiller, and
+their arithmetic is right (numbers themselves are measured by the tool, never asserted here)."""
+import json
+
+import pytest
+
+from csgr_distill.benchmark import gain, kernels, overhead
+from csgr_distill.distillers import DISTILLER_REGISTRY
+
+
+def test_fpn_shapes_of_800x1333():
+    assert kernels.fpn_shapes(800, 1333) == {"p3": (100, 168), "p4": (50, 84), "p5": (25, 42),
+                                             "p6": (13, 21), "p7": (7, 11)}
+
+
+def test_kernels_ours_equals_the_straightforward_formula(tmp_path):
+    kernels.run(str(tmp_path), height=64, width=96, batch=2, channels=16, num_classes=3,
+                repeats=1, warmup=0, command="test")
+    data = json.loads((tmp_path / "kernels.json").read_text())["cpu"]
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(DISTILLER_REGISTRY._obj_map) <= set(rows)
+    for label in ("CSGR", "CSGR recurrence 2"):
+        assert rows[label]["max_rel_diff_loss"] < 1e-4
+        assert rows[label]["max_rel_diff_grad"] < 1e-3
+        assert rows[label]["ours_ms"] > 0 and rows[label]["reference_ms"] > 0
+    assert "kernels (cpu)" in (tmp_path / "kernels.md").read_text()
+
+
+def test_overhead_covers_student_floor_and_every_method(tmp_path):
+    overhead.run(str(tmp_path), height=64, width=64, batch=1, repeats=1, warmup=0,
+                 detectors=("RetinaNet",), command="test", measure_memory=False)
+    data = json.loads((tmp_path / "overhead.json").read_text())["cpu RetinaNet"]
+    labels = [r["variant"] for r in data["rows"]]
+    assert labels[:2] == [overhead.STUDENT, overhead.FLOOR]
+    assert set(DISTILLER_REGISTRY._obj_map) <= set(labels)
+    floor = data["rows"][1]
+    assert floor["vs_floor"] == pytest.approx(1.0)
+    assert floor["machinery_over_floor_percent"] == pytest.approx(0.0)
+
+
+def test_gain_plan_contains_baseline_every_distiller_and_options():
+    plan = gain.method_runs()
+    assert gain.BASELINE in plan and plan[gain.BASELINE] == ["MODEL.DISTILL.ENABLED", False]
+    for name in DISTILLER_REGISTRY._obj_map:
+        assert plan[name] == ["MODEL.DISTILL.METHODS", [name]]
+    assert "CSGR teacher_head" in plan and "CSGR recurrence 2" in plan
+    with pytest.raises(SystemExit, match="unknown"):
+        gain.method_runs(["NoSuchMethod"])
+
+
+def test_gain_summary_arithmetic():
+    def run(ap):
+        return {"final": {"AP": ap, "AP50": ap + 10, "AP75": ap - 5}, "curve": []}
+
+    teacher = {"AP": 40.0, "AP50": 50.0, "AP75": 35.0}
+    runs = {gain.BASELINE: [run(29.0), run(30.0), run(31.0)],
+            "CSGR": [run(34.5), run(35.0), run(35.5)]}
+    rows = {r["method"]: r for r in gain.summarize(teacher, runs)}
+    assert rows[gain.BASELINE]["AP"] == pytest.approx(30.0)
+    assert rows[gain.BASELINE]["AP_std"] == pytest.approx(1.0)  # sample std
+    assert rows["CSGR"]["gain_AP"] == pytest.approx(5.0)
+    assert rows["CSGR"]["gap_closed_percent"] == pytest.approx(50.0)
+    assert rows["CSGR"]["gain_over_2std"]  # 5 > 2 * max(0.5, 1.0)
+    assert not rows[gain.BASELINE]["gain_over_2std"]

@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Measure every registered distiller: accuracy gain, training overhead, loss kernels.
+
+    tools/benchmark.py all                    # the three parts with their defaults
+    tools/benchmark.py gain [--seeds 3] [--iters 600] [--methods CSGR ...]
+    tools/benchmark.py overhead [--device cuda] [--height 800 --width 1333] [--batch 2]
+    tools/benchmark.py kernels [--device cuda] [--repeats 5]
+
+Each part writes results/<part>.json and results/<part>.md (+ PNG plots for gain); sections for
+other devices/detectors already in those files are kept. Defaults fit the 2-core CPU machine:
+gain ~1 h (teacher once + 3 seeds x {baseline, each method, CSGR options}), overhead ~10 min
+(512x640, batch 2), kernels ~5 min (800x1333 -> p3..p7, batch 2).
+"""
+import argparse
+import os
+import shlex
+import sys
+import time
+
+import csgr_distill  # noqa: F401  (registers distillers, meta-architectures, datasets)
+from csgr_distill.benchmark import gain, kernels, overhead
+from csgr_distill.teacher import REPO_ROOT
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=["gain", "overhead", "kernels", "all"])
+    p.add_argument("--results", default=os.path.join(REPO_ROOT, "results"),
+                   help="folder of the result tables and plots")
+    p.add_argument("--work-dir", default=os.path.join(REPO_ROOT, "output", "benchmark"),
+                   help="gain: checkpoints and logs of every run (finished runs are reused)")
+    p.add_argument("--device", default="cpu", help="overhead/kernels: cpu or cuda")
+    g = p.add_argument_group("gain")
+    g.add_argument("--seeds", type=int, default=3)
+    g.add_argument("--iters", type=int, default=None, help="student iterations (default 600)")
+    g.add_argument("--teacher-iters", type=int, default=None, help="default: its config (900)")
+    g.add_argument("--teacher-weights", default=None, help="reuse a trained demo teacher")
+    g.add_argument("--methods", nargs="*", default=None,
+                   help="labels to run besides the baseline (default: all registered + options)")
+    o = p.add_argument_group("overhead / kernels")
+    o.add_argument("--height", type=int, default=None,
+                   help="input height (default: overhead 512, kernels 800)")
+    o.add_argument("--width", type=int, default=None,
+                   help="input width (default: overhead 640, kernels 1333)")
+    o.add_argument("--batch", type=int, default=2)
+    o.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats (default: overhead 8, kernels 5)")
+    o.add_argument("--detectors", nargs="*", default=list(overhead.DETECTORS),
+                   choices=list(overhead.DETECTORS))
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    command = "python tools/benchmark.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    t0 = time.time()
+
+    def log(msg):
+        print(f"[{(time.time() - t0) / 60:5.1f} min] {msg}", flush=True)
+
+    parts = ["kernels", "overhead", "gain"] if args.part == "all" else [args.part]
+    for part in parts:
+        log(f"{part} ...")
+        if part == "kernels":
+            kernels.run(args.results, device=args.device, height=args.height or 800,
+                        width=args.width or 1333, batch=args.batch, repeats=args.repeats or 5,
+                        command=command)
+        elif part == "overhead":
+            overhead.run(args.results, device=args.device, height=args.height or 512,
+                         width=args.width or 640, batch=args.batch, repeats=args.repeats or 8,
+                         detectors=args.detectors, command=command)
+        else:
+            gain.run(args.results, args.work_dir, seeds=args.seeds, iters=args.iters,
+                     teacher_iters=args.teacher_iters, teacher_weights=args.teacher_weights,
+                     methods=args.methods, command=command, progress=log)
+        log(f"{part} done -> {os.path.join(args.results, part)}.md")
+        print(open(os.path.join(args.results, f"{part}.md")).read())
+
+
+if __name__ == "__main__":
+    main()
