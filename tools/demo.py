@@ -14,6 +14,10 @@ import os
 import subprocess
 import sys
 import time
+import warnings
+
+# detectron2 (a59f0563) calls torch.jit.script at import; torch 2.14 warns about it
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CFG = os.path.join("configs", "demo")
@@ -21,8 +25,8 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 #: name -> (config, weights to evaluate, config used for evaluation)
 MODELS = {
-    "teacher R50": ("teacher-RetinaNet-R50.yaml", "output/demo/teacher/model_final.pth",
-                    "teacher-RetinaNet-R50.yaml"),
+    "teacher R18-wide": ("teacher-RetinaNet-R18-wide.yaml", "output/demo/teacher/model_final.pth",
+                    "teacher-RetinaNet-R18-wide.yaml"),
     "student R18 (baseline)": ("student-RetinaNet-R18.yaml",
                                "output/demo/student_baseline/model_final.pth",
                                "student-RetinaNet-R18.yaml"),
@@ -32,7 +36,7 @@ MODELS = {
                            "student-RetinaNet-R18.yaml"),
 }
 #: rough relative cost of each stage on the 2-core reference machine (seconds), for the ETA only
-STAGE_COST = {"data": 30, "teacher": 330, "baseline": 170, "csgr": 330, "eval": 60, "report": 50}
+STAGE_COST = {"data": 10, "teacher": 550, "baseline": 130, "csgr": 170, "eval": 45, "report": 15}
 
 
 def fmt(seconds: float) -> str:
@@ -47,6 +51,7 @@ class Progress:
         self.stages = stages
         self.t0 = time.time()
         self.done_est = 0.0
+        self.done_real = 0.0
 
     def run(self, key, title, fn):
         i = self.stages.index(key) + 1
@@ -54,9 +59,11 @@ class Progress:
         t = time.time()
         result = fn()
         took = time.time() - t
-        self.done_est += STAGE_COST[key]
         elapsed = time.time() - self.t0
-        speed = elapsed / max(self.done_est, 1e-6)
+        if key != "data":  # scale the estimates by this machine's speed on the heavy stages
+            self.done_est += STAGE_COST[key]
+            self.done_real += took
+        speed = self.done_real / self.done_est if self.done_est else 1.0
         remaining = sum(STAGE_COST[k] for k in self.stages[i:]) * speed
         print(f"[{i}/{len(self.stages)}] {title}: done in {fmt(took)} | elapsed {fmt(elapsed)} | "
               f"ETA {fmt(remaining)}", flush=True)
@@ -106,7 +113,7 @@ def write_report(results, out_dir, iters):
     for n in names:
         lines.append(f"| {n} | " + " | ".join(f"{results[n][m]:.2f}" for m in METRICS) + " |")
     base, csgr = results["student R18 (baseline)"], results["student R18 + CSGR"]
-    teacher = results["teacher R50"]
+    teacher = results["teacher R18-wide"]
     gap = teacher["AP"] - base["AP"]
     closed = (csgr["AP"] - base["AP"]) / gap * 100 if abs(gap) > 1e-9 else float("nan")
     lines.append("")
@@ -165,13 +172,13 @@ def main():
 
     sizes = progress.run("data", "generate synthetic shapes", data)
     print(f"      shapes_train: {sizes['train']} images, shapes_val: {sizes['val']} images")
-    progress.run("teacher", "train teacher (RetinaNet R50-FPN)",
-                 lambda: train(MODELS["teacher R50"][0], iters_opts(args.teacher_iters),
+    progress.run("teacher", "train teacher (RetinaNet R18-FPN, wide FPN and head)",
+                 lambda: train(MODELS["teacher R18-wide"][0], iters_opts(args.teacher_iters),
                                "teacher"))
     progress.run("baseline", "train baseline student (RetinaNet R18-FPN)",
                  lambda: train(MODELS["student R18 (baseline)"][0],
                                iters_opts(args.student_iters), "student_baseline"))
-    progress.run("csgr", "train CSGR student (RetinaNet R18-FPN <- R50 teacher)",
+    progress.run("csgr", "train CSGR student (RetinaNet R18-FPN <- wide R18 teacher)",
                  lambda: train(MODELS["student R18 + CSGR"][0], iters_opts(args.student_iters),
                                "student_csgr"))
     results = progress.run("eval", "evaluate all three on shapes_val (--eval-only)",

@@ -4,7 +4,7 @@ same iterations over several seeds; AP mean +- std, gain over the baseline, shar
 teacher-student gap closed, AP-vs-iteration curves.
 
 Every run is a call of ``tools/train_net.py`` (the user's path), with the demo configs
-(``configs/demo/``: R50 teacher, R18 student, 128 px images). Finished runs are kept
+(``configs/demo/``: wide R18 teacher, R18 student, 128 px images). Finished runs are kept
 (``<output>/runs/<method>/seed<k>/final.json``) so an interrupted benchmark continues.
 """
 import json
@@ -18,7 +18,7 @@ from ..distillers import DISTILLER_REGISTRY
 from ..teacher import REPO_ROOT
 from .common import header_lines, machine_info, markdown_table, write_results
 
-TEACHER_CFG = "configs/demo/teacher-RetinaNet-R50.yaml"
+TEACHER_CFG = "configs/demo/teacher-RetinaNet-R18-wide.yaml"
 STUDENT_CFG = "configs/demo/CSGR-RetinaNet-R18.yaml"
 BASELINE = "baseline (no distillation)"
 METRICS = ("AP", "AP50", "AP75")
@@ -192,7 +192,7 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
             progress(f"[gain] seed {seed} {label}: AP {r['final']['AP']:.2f}")
     rows = summarize(teacher, runs)
     info = machine_info("cpu")
-    setting = (f"shapes_train -> shapes_val; teacher RetinaNet R50-FPN ({TEACHER_CFG}), students "
+    setting = (f"shapes_train -> shapes_val; teacher RetinaNet R18-FPN wide ({TEACHER_CFG}), students "
                f"RetinaNet R18-FPN ({STUDENT_CFG}) trained {iters or 600} iterations each, "
                f"seeds 0..{seeds - 1}; teacher AP {teacher['AP']:.2f} / AP50 "
                f"{teacher['AP50']:.2f} / AP75 {teacher['AP75']:.2f}")

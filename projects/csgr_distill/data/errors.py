@@ -1,6 +1,6 @@
 """Clear errors for datasets that are registered but not on disk."""
 import os
-from typing import Iterable, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 __all__ = ["DatasetNotFoundError", "datasets_root", "check_dataset_paths"]
 
@@ -43,3 +43,20 @@ def check_dataset_paths(dataset_name: str, json_file: str = None, image_root: st
         missing.append(("the image directory", image_root))
     if missing:
         raise DatasetNotFoundError(dataset_name, missing)
+
+
+def register_splits(splits: Dict[str, Tuple[str, str]], register: Callable[[str, str, str], None],
+                    root: Optional[str] = None) -> List[str]:
+    """``register(name, json_file, image_root)`` for every ``name -> (image_dir, json_rel)`` of
+    ``splits`` (paths relative to ``root``, default ``$DETECTRON2_DATASETS``) that is not yet in
+    DatasetCatalog. Returns the names registered now."""
+    from detectron2.data import DatasetCatalog
+
+    root = datasets_root(root)
+    registered = set(DatasetCatalog.list())
+    done = []
+    for name, (image_dir, json_rel) in splits.items():
+        if name not in registered:
+            register(name, os.path.join(root, json_rel), os.path.join(root, image_dir))
+            done.append(name)
+    return done

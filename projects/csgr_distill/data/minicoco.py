@@ -11,14 +11,13 @@ On-disk layout (see ``datasets/README.md``)::
 the non-contiguous COCO ids 1..90) equals that of COCO-trained teachers. It is evaluated on
 detectron2's own ``coco_2017_val``.
 """
-import os
 from typing import List, Optional
 
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 
-from .errors import check_dataset_paths, datasets_root
+from .errors import check_dataset_paths, register_splits
 
 __all__ = ["MINICOCO_SPLITS", "register_minicoco", "register_all_minicoco"]
 
@@ -44,12 +43,4 @@ def register_minicoco(name: str, json_file: str, image_root: str) -> None:
 
 def register_all_minicoco(root: Optional[str] = None) -> List[str]:
     """Register ``coco_2017_minitrain`` under ``root`` (default ``$DETECTRON2_DATASETS``)."""
-    root = datasets_root(root)
-    done = []
-    registered = set(DatasetCatalog.list())
-    for name, (image_dir, json_rel) in MINICOCO_SPLITS.items():
-        if name in registered:
-            continue
-        register_minicoco(name, os.path.join(root, json_rel), os.path.join(root, image_dir))
-        done.append(name)
-    return done
+    return register_splits(MINICOCO_SPLITS, register_minicoco, root)

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from .errors import check_dataset_paths, datasets_root
+from .errors import check_dataset_paths, register_splits
 
 __all__ = [
     "SODA10M_CATEGORIES",
@@ -190,12 +190,4 @@ def register_soda10m(
 def register_all_soda10m(root: Optional[str] = None) -> List[str]:
     """Register ``soda10m_{train,val,test}`` under ``root`` (default ``$DETECTRON2_DATASETS``);
     names already registered are skipped. Returns the names registered now."""
-    root = datasets_root(root)
-    done = []
-    registered = set(DatasetCatalog.list())
-    for name, (image_dir, json_rel) in SODA10M_SPLITS.items():
-        if name in registered:
-            continue
-        register_soda10m(name, os.path.join(root, json_rel), os.path.join(root, image_dir))
-        done.append(name)
-    return done
+    return register_splits(SODA10M_SPLITS, register_soda10m, root)
