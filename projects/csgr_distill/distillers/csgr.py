@@ -216,10 +216,9 @@ class CSGRDistiller(nn.Module):
                 f"has {t_hat.shape[1]}; the distiller was built for other channel counts"
             )
         n = s_feat.shape[0]
-        # Teacher and student share the classifier and the criss-cross block: one batch of 2N.
-        both = torch.cat([t_hat, s_hat])
         if self.attention == "learned":
-            att = self._category_attention(both, level)
+            a_s = self._category_attention(s_hat, level)
+            a_t = self._category_attention(t_hat, level)
         else:
             if t_logits is None:
                 raise ValueError("CSGR teacher_head attention needs the teacher's cls_logits")
@@ -228,9 +227,8 @@ class CSGRDistiller(nn.Module):
                     f"CSGR level {level!r}: teacher logits {tuple(t_logits.shape)} do not match "
                     f"the feature map {tuple(t_feat.shape)}"
                 )
-            att = self._teacher_head_attention(t_logits, level).repeat(2, 1, 1, 1)
-        v = category_vectors(att, both)  # [2N, K, C]: teacher rows first
-        l_cs = (v[:n] - v[n:]).pow(2).sum() / n
+            a_s = a_t = self._teacher_head_attention(t_logits, level)
+        l_cs = (category_vectors(a_t, t_hat) - category_vectors(a_s, s_hat)).pow(2).sum() / n
         l_gr = mod.cca.paired_difference(t_hat, s_hat).pow(2).sum() / n
         return {"cs": l_cs, "gr": l_gr}
 

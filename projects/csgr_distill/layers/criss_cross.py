@@ -105,8 +105,8 @@ class CrissCrossAttention(nn.Module):
     def paired_difference(self, a: Tensor, b: Tensor) -> Tensor:
         """``CCA(a) - CCA(b)`` for two maps ``[N, C, H, W]`` (e.g. teacher and student).
 
-        Both go through the shared block in one batch. With one pass the value projection is
-        applied once, to the difference: every attention row sums to 1, so
+        With one pass the value projection is applied once, to the difference: every attention
+        row sums to 1, so
         ``sum a (W_v y + b_v) = W_v (sum a y) + b_v`` and
         ``CCA(a) - CCA(b) = (a - b) + gamma * W_v (agg_a(a) - agg_b(b))`` (``b_v`` cancels).
         """
@@ -114,16 +114,13 @@ class CrissCrossAttention(nn.Module):
         if a.shape != b.shape:
             raise ValueError(f"paired_difference needs equal shapes, got {tuple(a.shape)} and "
                              f"{tuple(b.shape)}")
-        n = a.shape[0]
-        both = torch.cat([a, b])
         if self.recurrence > 1:
-            out = self.forward(both)
-            return out[:n] - out[n:]
-        agg = self._aggregate(self._attention(both), both)
+            return self.forward(a) - self.forward(b)
+        agg = self._aggregate(self._attention(a), a) - self._aggregate(self._attention(b), b)
         # "+ b_v - b_v": the bias stays in the graph (its gradient is exactly 0, as in the
         # formula) so that DDP sees every parameter used.
         bias = self.value.bias
-        projected = F.conv2d(agg[:n] - agg[n:], self.value.weight, bias) - bias.view(1, -1, 1, 1)
+        projected = F.conv2d(agg, self.value.weight, bias) - bias.view(1, -1, 1, 1)
         return torch.addcmul(a - b, self.gamma, projected)
 
     def _check(self, x: Tensor) -> None:
