@@ -9,6 +9,8 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
+from ..distillers import DISTILLER_REGISTRY
+
 
 def machine_info(device: str) -> Dict[str, str]:
     """Where and with what a number was measured."""
@@ -91,3 +93,25 @@ def write_results(out_dir: str, part: str, section: str, payload: dict, markdown
 def header_lines(title: str, info: Dict[str, str], command: str) -> str:
     machine = ", ".join(f"{k} {v}" for k, v in info.items() if k != "date")
     return f"### {title}\n\n{info['date']} · {machine}\n\n`{command}`\n"
+
+
+#: options of a distiller worth measuring besides its published defaults: name -> {label: opts}
+OPTIONS = {
+    "CSGR": {
+        "CSGR teacher_head": ["MODEL.DISTILL.CSGR.ATTENTION", "teacher_head"],
+        "CSGR recurrence 2": ["MODEL.DISTILL.CSGR.RECURRENCE", 2],
+    },
+}
+
+
+def method_variants() -> Dict[str, List]:
+    """label -> cfg overrides for every registered distiller (its defaults) and its OPTIONS.
+
+    The one list the three benchmark parts share, so they grow with the registry together.
+    """
+    out: Dict[str, List] = {}
+    for name in sorted(DISTILLER_REGISTRY._obj_map):
+        out[name] = ["MODEL.DISTILL.METHODS", [name]]
+        for label, opts in OPTIONS.get(name, {}).items():
+            out[label] = ["MODEL.DISTILL.METHODS", [name]] + opts
+    return out

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..distillers import DISTILLER_REGISTRY
 from ..teacher import REPO_ROOT
-from .common import header_lines, machine_info, markdown_table, write_results
+from .common import header_lines, machine_info, markdown_table, method_variants, write_results
 
 TEACHER_CFG = "configs/demo/teacher-RetinaNet-R18-wide.yaml"
 STUDENT_CFG = "configs/demo/CSGR-RetinaNet-R18.yaml"
@@ -31,13 +31,7 @@ def method_runs(selected: Optional[List[str]] = None) -> Dict[str, List]:
     the combinations whose members are all registered. ``selected`` filters by label."""
     names = sorted(DISTILLER_REGISTRY._obj_map)
     runs = {BASELINE: ["MODEL.DISTILL.ENABLED", False]}
-    for name in names:
-        runs[name] = ["MODEL.DISTILL.METHODS", [name]]
-        if name == "CSGR":
-            runs["CSGR teacher_head"] = ["MODEL.DISTILL.METHODS", [name],
-                                         "MODEL.DISTILL.CSGR.ATTENTION", "teacher_head"]
-            runs["CSGR recurrence 2"] = ["MODEL.DISTILL.METHODS", [name],
-                                         "MODEL.DISTILL.CSGR.RECURRENCE", 2]
+    runs.update(method_variants())
     for combo in COMBINATIONS:
         if all(c in names for c in combo):
             runs["+".join(combo)] = ["MODEL.DISTILL.METHODS", list(combo)]

@@ -12,7 +12,8 @@ from ..distillers import DISTILLER_REGISTRY
 from ..layers import CrissCrossAttention
 from ..layers.reference import NaiveCrissCrossAttention
 from ..outputs import DetectorOutputs
-from .common import header_lines, machine_info, markdown_table, median, time_calls, write_results
+from .common import header_lines, machine_info, markdown_table, median, method_variants, \
+    time_calls, write_results
 from .references import REFERENCE_LOSSES
 
 LEVELS = {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
@@ -23,13 +24,6 @@ def fpn_shapes(height: int, width: int, divisibility: int = 32) -> Dict[str, tup
     ph = math.ceil(height / divisibility) * divisibility
     pw = math.ceil(width / divisibility) * divisibility
     return {k: (math.ceil(ph / s), math.ceil(pw / s)) for k, s in LEVELS.items()}
-
-
-def _variants(name: str):
-    """(label, cfg overrides) of the options worth timing for a distiller."""
-    if name == "CSGR":
-        return [("CSGR", []), ("CSGR recurrence 2", ["MODEL.DISTILL.CSGR.RECURRENCE", 2])]
-    return [(name, [])]
 
 
 def _build(name, opts, channels, num_classes, device):
@@ -62,55 +56,57 @@ def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333,
         for role in ("student", "teacher")
     }
     rows: List[dict] = []
-    for name in sorted(DISTILLER_REGISTRY._obj_map):
+    for label, opts in method_variants().items():
+        name = opts[1][0]
         if name not in REFERENCE_LOSSES:
-            rows.append({"method": name, "note": "no straightforward reference registered"})
+            rows.append({"method": label, "note": "no straightforward reference registered"})
             continue
-        for label, opts in _variants(name):
-            distiller = _build(name, opts, channels, num_classes, device)
-            s_feats = {k: v.clone().requires_grad_(True) for k, v in feats["student"].items()}
-            s_out = DetectorOutputs(image_sizes=[(height, width)] * batch,
-                                    padded_size=(height, width), features=s_feats,
-                                    feature_names=list(LEVELS))
-            t_out = DetectorOutputs(image_sizes=[(height, width)] * batch,
-                                    padded_size=(height, width), features=feats["teacher"],
-                                    feature_names=list(LEVELS))
+        distiller = _build(name, opts, channels, num_classes, device)
+        if set(distiller.required_outputs) != {"features"}:
+            continue  # the loss kernel needs detector head outputs (e.g. teacher_head): skipped
+        s_feats = {k: v.clone().requires_grad_(True) for k, v in feats["student"].items()}
+        s_out = DetectorOutputs(image_sizes=[(height, width)] * batch,
+                                padded_size=(height, width), features=s_feats,
+                                feature_names=list(LEVELS))
+        t_out = DetectorOutputs(image_sizes=[(height, width)] * batch,
+                                padded_size=(height, width), features=feats["teacher"],
+                                feature_names=list(LEVELS))
 
-            def ours():
-                return distiller(s_out, t_out, [])
+        def ours():
+            return distiller(s_out, t_out, [])
 
-            def reference():
-                return REFERENCE_LOSSES[name](distiller, s_feats, feats["teacher"])
+        def reference():
+            return REFERENCE_LOSSES[name](distiller, s_feats, feats["teacher"])
 
-            results = {}
-            for key, fn in (("ours", ours), ("reference", reference)):
+        results = {}
+        for key, fn in (("ours", ours), ("reference", reference)):
+            distiller.zero_grad(set_to_none=True)
+            for v in s_feats.values():
+                v.grad = None
+            losses = fn()
+            sum(losses.values()).backward()
+            results[key] = {
+                "losses": {k: v.detach().double() for k, v in losses.items()},
+                "grad": torch.cat([s_feats[k].grad.flatten() for k in LEVELS]).double(),
+            }
+
+        def step(fn):
+            def call():
                 distiller.zero_grad(set_to_none=True)
-                for v in s_feats.values():
-                    v.grad = None
-                losses = fn()
-                sum(losses.values()).backward()
-                results[key] = {
-                    "losses": {k: v.detach().double() for k, v in losses.items()},
-                    "grad": torch.cat([s_feats[k].grad.flatten() for k in LEVELS]).double(),
-                }
+                sum(fn().values()).backward()
+            return call
 
-            def step(fn):
-                def call():
-                    distiller.zero_grad(set_to_none=True)
-                    sum(fn().values()).backward()
-                return call
-
-            t_ours, t_ref = [], []
-            for _ in range(repeats):  # interleaved, so drift affects both alike
-                t_ours += time_calls(step(ours), device, 1, warmup)
-                t_ref += time_calls(step(reference), device, 1, warmup)
-            loss_rel = max(_rel(results["ours"]["losses"][k], results["reference"]["losses"][k])
-                           for k in results["ours"]["losses"])
-            grad_rel = _rel(results["ours"]["grad"], results["reference"]["grad"])
-            rows.append({"method": label, "ours_ms": 1e3 * median(t_ours),
-                         "reference_ms": 1e3 * median(t_ref),
-                         "speedup": median(t_ref) / median(t_ours),
-                         "max_rel_diff_loss": loss_rel, "max_rel_diff_grad": grad_rel})
+        t_ours, t_ref = [], []
+        for _ in range(repeats):  # interleaved, so drift affects both alike
+            t_ours += time_calls(step(ours), device, 1, warmup)
+            t_ref += time_calls(step(reference), device, 1, warmup)
+        loss_rel = max(_rel(results["ours"]["losses"][k], results["reference"]["losses"][k])
+                       for k in results["ours"]["losses"])
+        grad_rel = _rel(results["ours"]["grad"], results["reference"]["grad"])
+        rows.append({"method": label, "ours_ms": 1e3 * median(t_ours),
+                     "reference_ms": 1e3 * median(t_ref),
+                     "speedup": median(t_ref) / median(t_ours),
+                     "max_rel_diff_loss": loss_rel, "max_rel_diff_grad": grad_rel})
 
     # the criss-cross layer alone, at the largest level
     h, w = sizes["p3"]

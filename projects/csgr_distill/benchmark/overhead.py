@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import get_cfg
@@ -25,10 +25,9 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from ..config import add_distill_config
-from ..distillers import DISTILLER_REGISTRY
 from ..teacher import REPO_ROOT, FrozenTeacher, build_teacher_cfg
-from .common import header_lines, machine_info, markdown_table, median, synchronize, \
-    time_calls, write_results
+from .common import header_lines, machine_info, markdown_table, median, method_variants, \
+    synchronize, time_calls, write_results
 
 #: detector -> (distilled student config, teacher config)
 DETECTORS = {
@@ -37,19 +36,6 @@ DETECTORS = {
                      "configs/teachers/FasterRCNN-R101-SODA10M.yaml"),
 }
 STUDENT, FLOOR = "student alone", "student + teacher forward (floor)"
-
-
-def method_variants() -> List[Tuple[str, List]]:
-    """(label, cfg overrides) for every registered distiller, plus CSGR's options."""
-    out = []
-    for name in sorted(DISTILLER_REGISTRY._obj_map):
-        out.append((name, ["MODEL.DISTILL.METHODS", [name]]))
-        if name == "CSGR":
-            out.append(("CSGR teacher_head", ["MODEL.DISTILL.METHODS", [name],
-                                              "MODEL.DISTILL.CSGR.ATTENTION", "teacher_head"]))
-            out.append(("CSGR recurrence 2", ["MODEL.DISTILL.METHODS", [name],
-                                              "MODEL.DISTILL.CSGR.RECURRENCE", 2]))
-    return out
 
 
 def _cfg(path: str, device: str, opts: List) -> "CfgNode":  # noqa: F821
@@ -111,7 +97,7 @@ def build_variants(detector: str, device: str, only: Optional[str] = None) -> Li
         variants.append(_Variant(STUDENT, build_model(base).train()))
     if only in (None, FLOOR):
         variants.append(_Variant(FLOOR, build_model(base).train(), teacher_forward=teacher))
-    for label, opts in method_variants():
+    for label, opts in method_variants().items():
         if only not in (None, label):
             continue
         try:
