@@ -23,6 +23,9 @@ def test_kernels_ours_equals_the_straightforward_formula(tmp_path):
         assert rows[label]["max_rel_diff_loss"] < 1e-4
         assert rows[label]["max_rel_diff_grad"] < 1e-3
         assert rows[label]["ours_ms"] > 0 and rows[label]["reference_ms"] > 0
+        # one value projection instead of two in the last pass: fewer matmul FLOPs
+        assert 1.0 < rows[label]["flop_ratio"] < 2.0
+    assert rows["CSGR"]["flop_ratio"] > rows["CSGR recurrence 2"]["flop_ratio"]
     assert "kernels (cpu)" in (tmp_path / "kernels.md").read_text()
 
 

@@ -4,6 +4,7 @@ import math
 from typing import Dict, List
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 
@@ -39,6 +40,15 @@ def _build(name, opts, channels, num_classes, device):
             if p.numel() == 1:
                 p.fill_(0.5)
     return distiller
+
+
+def matmul_flops(call) -> int:
+    """FLOPs of the matrix products (mm/bmm/conv/einsum) that ``call()`` runs, backward included:
+    the work a matmul-bound implementation cannot avoid, so the ratio of two counts is the
+    speed-up one can expect from doing less of it."""
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -103,9 +113,12 @@ def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333,
         loss_rel = max(_rel(results["ours"]["losses"][k], results["reference"]["losses"][k])
                        for k in results["ours"]["losses"])
         grad_rel = _rel(results["ours"]["grad"], results["reference"]["grad"])
+        flops = {"ours": matmul_flops(step(ours)), "reference": matmul_flops(step(reference))}
         rows.append({"method": label, "ours_ms": 1e3 * median(t_ours),
                      "reference_ms": 1e3 * median(t_ref),
                      "speedup": median(t_ref) / median(t_ours),
+                     "ours_gflop": flops["ours"] / 1e9, "reference_gflop": flops["reference"] / 1e9,
+                     "flop_ratio": flops["reference"] / flops["ours"],
                      "max_rel_diff_loss": loss_rel, "max_rel_diff_grad": grad_rel})
 
     # the criss-cross layer alone, at the largest level
@@ -123,20 +136,28 @@ def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333,
             cc[key] += time_calls(lambda m=mod: m(x).pow(2).sum().backward(), device, 1, warmup)
     with torch.no_grad():
         cc_rel = _rel(layer(x).double(), naive(x).double())
+    cc_flops = {key: matmul_flops(lambda m=mod: m(x).pow(2).sum().backward())
+                for key, mod in (("ours", layer), ("reference", naive))}
     rows.append({"method": f"criss-cross layer alone (p3 {h}x{w})",
                  "ours_ms": 1e3 * median(cc["ours"]), "reference_ms": 1e3 * median(cc["reference"]),
                  "speedup": median(cc["reference"]) / median(cc["ours"]),
+                 "ours_gflop": cc_flops["ours"] / 1e9, "reference_gflop": cc_flops["reference"] / 1e9,
+                 "flop_ratio": cc_flops["reference"] / cc_flops["ours"],
                  "max_rel_diff_loss": cc_rel, "max_rel_diff_grad": float("nan")})
 
     info = machine_info(device)
     setting = (f"input {height}x{width} (p3..p7 = "
                + ", ".join(f"{h}x{w}" for h, w in sizes.values())
                + f"), batch {batch}, {channels} channels, K={num_classes}, forward+backward, "
-               f"median of {repeats} interleaved repeats")
+               f"median of {repeats} interleaved repeats; matmul GFLOP: forward+backward "
+               "matrix products counted by torch.utils.flop_counter (the FLOP ratio bounds the "
+               "speed-up of matmul-bound code)")
     table = markdown_table(
-        ["loss", "ours (ms)", "straightforward (ms)", "speed-up", "max rel diff (loss)",
+        ["loss", "ours (ms)", "straightforward (ms)", "speed-up", "matmul GFLOP ours",
+         "matmul GFLOP straightforward", "FLOP ratio", "max rel diff (loss)",
          "max rel diff (grad)"],
         [[r["method"], r.get("ours_ms", "-"), r.get("reference_ms", "-"), r.get("speedup", "-"),
+          r.get("ours_gflop", "-"), r.get("reference_gflop", "-"), r.get("flop_ratio", "-"),
           r.get("max_rel_diff_loss", "-"), r.get("max_rel_diff_grad", "-")] for r in rows])
     md = header_lines(f"kernels ({device})", info, command) + "\n" + setting + "\n\n" + table
     payload = {"machine": info, "setting": setting, "rows": rows}

@@ -18,8 +18,8 @@ implementation (see :mod:`csgr_distill.layers.reference`): the column energies a
 one batched matmul into a fresh ``[N, W, H, H]`` tensor whose diagonal is filled with ``-inf`` in
 place (matmul's backward needs only its inputs, so this is autograd-safe), and the row and column
 energies share one softmax. :meth:`CrissCrossAttention.paired_difference` computes
-``CCA(a) - CCA(b)`` (what a distillation loss needs) with one batched pass and one value
-projection.
+``CCA(a) - CCA(b)`` (what a distillation loss needs) with one value projection in the last pass
+instead of one per branch.
 """
 import torch
 from torch import Tensor, nn
@@ -105,17 +105,17 @@ class CrissCrossAttention(nn.Module):
     def paired_difference(self, a: Tensor, b: Tensor) -> Tensor:
         """``CCA(a) - CCA(b)`` for two maps ``[N, C, H, W]`` (e.g. teacher and student).
 
-        With one pass the value projection is applied once, to the difference: every attention
-        row sums to 1, so
-        ``sum a (W_v y + b_v) = W_v (sum a y) + b_v`` and
-        ``CCA(a) - CCA(b) = (a - b) + gamma * W_v (agg_a(a) - agg_b(b))`` (``b_v`` cancels).
+        The last pass applies the value projection once, to the difference: every attention row
+        sums to 1, so ``sum a (W_v y + b_v) = W_v (sum a y) + b_v`` and, for that pass's inputs
+        ``a``, ``b``: ``pass(a) - pass(b) = (a - b) + gamma * W_v (agg_a(a) - agg_b(b))``
+        (``b_v`` cancels). Earlier passes (``recurrence`` > 1) need each branch's full output.
         """
         self._check(a)
         if a.shape != b.shape:
             raise ValueError(f"paired_difference needs equal shapes, got {tuple(a.shape)} and "
                              f"{tuple(b.shape)}")
-        if self.recurrence > 1:
-            return self.forward(a) - self.forward(b)
+        for _ in range(self.recurrence - 1):
+            a, b = self._single_pass(a), self._single_pass(b)
         agg = self._aggregate(self._attention(a), a) - self._aggregate(self._attention(b), b)
         # "+ b_v - b_v": the bias stays in the graph (its gradient is exactly 0, as in the
         # formula) so that DDP sees every parameter used.
