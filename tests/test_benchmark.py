@@ -51,6 +51,23 @@ def test_gain_plan_contains_baseline_every_distiller_and_options():
         gain.method_runs(["NoSuchMethod"])
 
 
+def test_gain_variants_add_runs_and_bad_ones_fail_early():
+    label, opts = gain.parse_variant("CSGR x4=MODEL.DISTILL.CSGR.ALPHA 2e-3 "
+                                     "MODEL.DISTILL.CSGR.BETA 4e-5")
+    assert label == "CSGR x4"
+    assert opts == ["MODEL.DISTILL.CSGR.ALPHA", "2e-3", "MODEL.DISTILL.CSGR.BETA", "4e-5"]
+    plan = gain.method_runs([], {label: opts})
+    assert list(plan) == [gain.BASELINE, "CSGR x4"]
+    gain.check_overrides(plan)  # valid keys: no error
+    for bad in ("no equals sign", "L=MODEL.DISTILL.CSGR.ALPHA", "=MODEL.DISTILL.CSGR.ALPHA 1"):
+        with pytest.raises(SystemExit, match="LABEL=KEY VALUE"):
+            gain.parse_variant(bad)
+    with pytest.raises(SystemExit, match="taken"):
+        gain.method_runs(None, {"CSGR": opts})
+    with pytest.raises(SystemExit, match="MODEL.DISTILL.CSGR.ALPA"):
+        gain.check_overrides({"typo": ["MODEL.DISTILL.CSGR.ALPA", "1e-3"]})
+
+
 def test_gain_summary_arithmetic():
     def run(ap):
         return {"final": {"AP": ap, "AP50": ap + 10, "AP75": ap - 5}, "curve": []}

@@ -2,7 +2,7 @@
 """Measure every registered distiller: accuracy gain, training overhead, loss kernels.
 
     tools/benchmark.py all                    # the three parts with their defaults
-    tools/benchmark.py gain [--seeds 3] [--iters 600] [--methods CSGR ...]
+    tools/benchmark.py gain [--seeds 3] [--iters 600] [--methods CSGR ...] [--variant 'L=K V']
     tools/benchmark.py overhead [--device cuda] [--height 800 --width 1333] [--batch 2]
     tools/benchmark.py kernels [--device cuda] [--repeats 5]
 
@@ -37,7 +37,12 @@ def parse_args(argv=None):
     g.add_argument("--teacher-iters", type=int, default=None, help="default: its config (2000)")
     g.add_argument("--teacher-weights", default=None, help="reuse a trained demo teacher")
     g.add_argument("--methods", nargs="*", default=None,
-                   help="labels to run besides the baseline (default: all registered + options)")
+                   help="labels to run besides the baseline (default: all registered + options; "
+                        "'--methods' alone: none, e.g. with --variant)")
+    g.add_argument("--variant", action="append", default=[], metavar="'LABEL=KEY VALUE ...'",
+                   help="an extra student run with these config overrides (repeatable), e.g. "
+                        "--variant 'CSGR weights x4=MODEL.DISTILL.CSGR.ALPHA 2e-3 "
+                        "MODEL.DISTILL.CSGR.BETA 4e-5'")
     o = p.add_argument_group("overhead / kernels")
     o.add_argument("--height", type=int, default=None,
                    help="input height (default: overhead 512, kernels 800)")
@@ -73,7 +78,9 @@ def main(argv=None):
         else:
             gain.run(args.results, args.work_dir, seeds=args.seeds, iters=args.iters,
                      teacher_iters=args.teacher_iters, teacher_weights=args.teacher_weights,
-                     methods=args.methods, command=command, progress=log)
+                     methods=args.methods,
+                     variants=dict(gain.parse_variant(v) for v in args.variant),
+                     command=command, progress=log)
         log(f"{part} done -> {os.path.join(args.results, part)}.md")
         print(open(os.path.join(args.results, f"{part}.md")).read())
 

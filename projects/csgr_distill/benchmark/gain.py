@@ -9,6 +9,7 @@ Every run is a call of ``tools/train_net.py`` (the user's path), with the demo c
 """
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -26,21 +27,55 @@ METRICS = ("AP", "AP50", "AP75")
 COMBINATIONS: List[Tuple[str, ...]] = [("CSGR", "LD"), ("FGD", "LD")]
 
 
-def method_runs(selected: Optional[List[str]] = None) -> Dict[str, List]:
+def method_runs(selected: Optional[List[str]] = None,
+                extra: Optional[Dict[str, List]] = None) -> Dict[str, List]:
     """label -> cfg overrides, for the baseline, every registered distiller, CSGR's options and
-    the combinations whose members are all registered. ``selected`` filters by label."""
+    the combinations whose members are all registered. ``selected`` filters by label; ``extra``
+    (label -> overrides, e.g. a loss-weight sweep) is run besides whatever is selected."""
     names = sorted(DISTILLER_REGISTRY._obj_map)
     runs = {BASELINE: ["MODEL.DISTILL.ENABLED", False]}
     runs.update(method_variants())
     for combo in COMBINATIONS:
         if all(c in names for c in combo):
             runs["+".join(combo)] = ["MODEL.DISTILL.METHODS", list(combo)]
-    if selected:
+    if selected is not None:
         unknown = [s for s in selected if s not in runs]
         if unknown:
             raise SystemExit(f"--methods: unknown {unknown}; available: {list(runs)}")
         runs = {k: v for k, v in runs.items() if k in selected or k == BASELINE}
+    for label, opts in (extra or {}).items():
+        if label in runs:
+            raise SystemExit(f"--variant {label!r}: that label is taken; name the variant "
+                             "differently")
+        runs[label] = list(opts)
     return runs
+
+
+def parse_variant(text: str) -> Tuple[str, List[str]]:
+    """``"LABEL=KEY VALUE [KEY VALUE ...]"`` -> (label, overrides) for ``--variant``."""
+    label, sep, rest = text.partition("=")
+    opts = shlex.split(rest)
+    if not sep or not label.strip() or not opts or len(opts) % 2:
+        raise SystemExit(f"--variant {text!r}: expected 'LABEL=KEY VALUE [KEY VALUE ...]', e.g. "
+                         "--variant 'CSGR weights x4=MODEL.DISTILL.CSGR.ALPHA 2e-3 "
+                         "MODEL.DISTILL.CSGR.BETA 4e-5'")
+    return label.strip(), opts
+
+
+def check_overrides(plan: Dict[str, List]) -> None:
+    """Fail before any training if a run's overrides are not valid keys/values of the student
+    config (a typo in ``--variant`` would otherwise surface only after the teacher is trained)."""
+    from detectron2.config import get_cfg
+
+    from ..config import add_distill_config
+
+    for label, opts in plan.items():
+        cfg = add_distill_config(get_cfg())
+        cfg.merge_from_file(os.path.join(REPO_ROOT, STUDENT_CFG))
+        try:
+            cfg.merge_from_list(_opts_str(opts))
+        except Exception as e:  # yacs raises KeyError/ValueError/AssertionError
+            raise SystemExit(f"gain run {label!r}: bad config override {opts}: {e!r}") from e
 
 
 def _train_net(args: List[str], log_path: str) -> None:
@@ -93,7 +128,8 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str]) -> Tup
 def run_student(out: str, label: str, opts: List, seed: int, teacher_weights: str,
                 iters: Optional[int], eval_points: int) -> dict:
     """One student run; returns {"final": {...}, "curve": [...]} (cached in final.json)."""
-    rdir = os.path.join(out, "runs", label.replace(" ", "_").replace("+", "_"), f"seed{seed}")
+    folder = label.replace(" ", "_").replace("+", "_").replace("/", "_")
+    rdir = os.path.join(out, "runs", folder, f"seed{seed}")
     final_json = os.path.join(rdir, "final.json")
     if os.path.isfile(final_json):
         with open(final_json) as f:
@@ -172,9 +208,10 @@ def plot(out_dir: str, teacher: dict, rows: List[dict], runs: Dict[str, List[dic
 
 def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None,
         teacher_iters: Optional[int] = None, teacher_weights: Optional[str] = None,
-        methods: Optional[List[str]] = None, eval_points: int = 3, command: str = "",
-        progress=print) -> dict:
-    plan = method_runs(methods)
+        methods: Optional[List[str]] = None, variants: Optional[Dict[str, List]] = None,
+        eval_points: int = 3, command: str = "", progress=print) -> dict:
+    plan = method_runs(methods, variants)
+    check_overrides(plan)
     progress(f"[gain] teacher ({TEACHER_CFG})")
     weights, teacher = train_teacher(work_dir, teacher_iters, teacher_weights)
     progress(f"[gain] teacher AP {teacher['AP']:.2f}")
