@@ -39,6 +39,10 @@ def test_overhead_covers_student_floor_and_every_method(tmp_path):
     floor = data["rows"][1]
     assert floor["vs_floor"] == pytest.approx(1.0)
     assert floor["machinery_over_floor_percent"] == pytest.approx(0.0)
+    student = data["rows"][0]
+    assert 0 < student["matmul_gflop"] < floor["matmul_gflop"]  # the teacher forward adds work
+    assert floor["matmul_flop_over_floor_percent"] == pytest.approx(0.0)
+    assert all(r["matmul_flop_over_floor_percent"] > 0 for r in data["rows"][2:])
 
 
 def test_gain_plan_contains_baseline_every_distiller_and_options():

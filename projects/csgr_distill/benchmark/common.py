@@ -8,6 +8,7 @@ import time
 from typing import Callable, Dict, List, Sequence
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..distillers import DISTILLER_REGISTRY
 
@@ -42,6 +43,15 @@ def _cpu_name() -> str:
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def matmul_flops(call) -> int:
+    """FLOPs of the matrix products (mm/bmm/conv/einsum) that ``call()`` runs, backward included:
+    the work a matmul-bound implementation cannot avoid, so the ratio of two counts is the
+    speed-up one can expect from doing less of it."""
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops()
 
 
 def time_calls(fn: Callable[[], object], device: str, repeats: int, warmup: int) -> List[float]:

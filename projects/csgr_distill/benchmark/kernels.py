@@ -4,7 +4,6 @@ import math
 from typing import Dict, List
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 
@@ -13,8 +12,8 @@ from ..distillers import DISTILLER_REGISTRY
 from ..layers import CrissCrossAttention
 from ..layers.reference import NaiveCrissCrossAttention
 from ..outputs import DetectorOutputs
-from .common import header_lines, machine_info, markdown_table, median, method_variants, \
-    time_calls, write_results
+from .common import header_lines, machine_info, markdown_table, matmul_flops, median, \
+    method_variants, time_calls, write_results
 from .references import REFERENCE_LOSSES
 
 LEVELS = {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
@@ -40,15 +39,6 @@ def _build(name, opts, channels, num_classes, device):
             if p.numel() == 1:
                 p.fill_(0.5)
     return distiller
-
-
-def matmul_flops(call) -> int:
-    """FLOPs of the matrix products (mm/bmm/conv/einsum) that ``call()`` runs, backward included:
-    the work a matmul-bound implementation cannot avoid, so the ratio of two counts is the
-    speed-up one can expect from doing less of it."""
-    with FlopCounterMode(display=False) as counter:
-        call()
-    return counter.get_total_flops()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

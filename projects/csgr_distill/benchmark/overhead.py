@@ -26,8 +26,8 @@ from detectron2.utils.events import EventStorage
 
 from ..config import add_distill_config
 from ..teacher import REPO_ROOT, FrozenTeacher, build_teacher_cfg
-from .common import header_lines, machine_info, markdown_table, median, method_variants, \
-    synchronize, time_calls, write_results
+from .common import header_lines, machine_info, markdown_table, matmul_flops, median, \
+    method_variants, synchronize, time_calls, write_results
 
 #: detector -> (distilled student config, teacher config)
 DETECTORS = {
@@ -169,6 +169,7 @@ def run(out_dir: str, device: str = "cpu", height: int = 512, width: int = 640, 
         times = {v.label: [] for v in variants}
         for v in variants:
             time_calls(lambda v=v: v.step(data), device, 0, warmup)
+        flops = {v.label: matmul_flops(lambda v=v: v.step(data)) for v in variants}
         for _ in range(repeats):
             for v in variants:
                 times[v.label] += time_calls(lambda v=v: v.step(data), device, 1, 0)
@@ -189,16 +190,22 @@ def run(out_dir: str, device: str = "cpu", height: int = 512, width: int = 640, 
                 "variant": label, "step_ms": 1e3 * t,
                 "vs_student": t / student_t, "vs_floor": t / floor_t,
                 "machinery_over_floor_percent": 100.0 * (t - floor_t) / floor_t,
+                "matmul_gflop": flops[label] / 1e9,
+                "matmul_flop_over_floor_percent": 100.0 * (flops[label] - flops[FLOOR])
+                / flops[FLOOR],
                 "peak_mb": memory[label], "memory_vs_student": memory[label] / memory[STUDENT],
             })
         setting = (f"{detector}: student {DETECTORS[detector][0]}, teacher "
                    f"{DETECTORS[detector][1]} (random weights), input {height}x{width}, batch "
-                   f"{batch}, full training step (forward + backward + SGD), median of {repeats}")
+                   f"{batch}, full training step (forward + backward + SGD), median of {repeats}; "
+                   "matmul GFLOP: the step's matrix products (convs included), counted by "
+                   "torch.utils.flop_counter")
         table = markdown_table(
-            ["variant", "step (ms)", "x student", "x floor", "over floor (%)", "peak memory (MB)",
-             "memory x student"],
+            ["variant", "step (ms)", "x student", "x floor", "over floor (%)", "matmul GFLOP",
+             "matmul GFLOP over floor (%)", "peak memory (MB)", "memory x student"],
             [[r["variant"], r["step_ms"], r["vs_student"], r["vs_floor"],
-              r["machinery_over_floor_percent"], r["peak_mb"], r["memory_vs_student"]]
+              r["machinery_over_floor_percent"], r["matmul_gflop"],
+              r["matmul_flop_over_floor_percent"], r["peak_mb"], r["memory_vs_student"]]
              for r in rows])
         md = header_lines(f"overhead: {detector} ({device})", info, command) + "\n" + setting \
             + "\n\n" + table
