@@ -5,7 +5,7 @@ import json
 import pytest
 
 from csgr_distill.benchmark import gain, kernels, overhead
-from csgr_distill.distillers import DISTILLER_REGISTRY
+from csgr_distill.distillers import registered_distillers
 
 
 def test_fpn_shapes_of_800x1333():
@@ -18,7 +18,7 @@ def test_kernels_ours_equals_the_straightforward_formula(tmp_path):
                 repeats=1, warmup=0, command="test")
     data = json.loads((tmp_path / "kernels.json").read_text())["cpu"]
     rows = {r["method"]: r for r in data["rows"]}
-    assert set(DISTILLER_REGISTRY._obj_map) <= set(rows)
+    assert set(registered_distillers()) <= set(rows)
     for label in ("CSGR", "CSGR recurrence 2"):
         assert rows[label]["max_rel_diff_loss"] < 1e-4
         assert rows[label]["max_rel_diff_grad"] < 1e-3
@@ -35,7 +35,7 @@ def test_overhead_covers_student_floor_and_every_method(tmp_path):
     data = json.loads((tmp_path / "overhead.json").read_text())["cpu RetinaNet"]
     labels = [r["variant"] for r in data["rows"]]
     assert labels[:2] == [overhead.STUDENT, overhead.FLOOR]
-    assert set(DISTILLER_REGISTRY._obj_map) <= set(labels)
+    assert set(registered_distillers()) <= set(labels)
     floor = data["rows"][1]
     assert floor["vs_floor"] == pytest.approx(1.0)
     assert floor["machinery_over_floor_percent"] == pytest.approx(0.0)
@@ -48,7 +48,7 @@ def test_overhead_covers_student_floor_and_every_method(tmp_path):
 def test_gain_plan_contains_baseline_every_distiller_and_options():
     plan = gain.method_runs()
     assert gain.BASELINE in plan and plan[gain.BASELINE] == ["MODEL.DISTILL.ENABLED", False]
-    for name in DISTILLER_REGISTRY._obj_map:
+    for name in registered_distillers():
         assert plan[name] == ["MODEL.DISTILL.METHODS", [name]]
     assert "CSGR teacher_head" in plan and "CSGR recurrence 2" in plan
     with pytest.raises(SystemExit, match="unknown"):

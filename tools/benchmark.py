@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="overhead/kernels: cpu or cuda")
     g = p.add_argument_group("gain")
     g.add_argument("--seeds", type=int, default=3)
-    g.add_argument("--iters", type=int, default=None, help="student iterations (default 600)")
+    g.add_argument("--iters", type=int, default=None, help="student iterations (default: their config, 600)")
     g.add_argument("--teacher-iters", type=int, default=None, help="default: its config (2000)")
     g.add_argument("--teacher-weights", default=None, help="reuse a trained demo teacher")
     g.add_argument("--methods", nargs="*", default=None,

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..distillers import DISTILLER_REGISTRY
+from ..distillers import registered_distillers
 
 
 def machine_info(device: str) -> Dict[str, str]:
@@ -120,7 +120,7 @@ def method_variants() -> Dict[str, List]:
     The one list the three benchmark parts share, so they grow with the registry together.
     """
     out: Dict[str, List] = {}
-    for name in sorted(DISTILLER_REGISTRY._obj_map):
+    for name in registered_distillers():
         out[name] = ["MODEL.DISTILL.METHODS", [name]]
         for label, opts in OPTIONS.get(name, {}).items():
             out[label] = ["MODEL.DISTILL.METHODS", [name]] + opts

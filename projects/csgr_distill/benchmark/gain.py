@@ -15,7 +15,7 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from ..distillers import DISTILLER_REGISTRY
+from ..distillers import registered_distillers
 from ..teacher import REPO_ROOT
 from .common import header_lines, machine_info, markdown_table, method_variants, write_results
 
@@ -32,7 +32,7 @@ def method_runs(selected: Optional[List[str]] = None,
     """label -> cfg overrides, for the baseline, every registered distiller, CSGR's options and
     the combinations whose members are all registered. ``selected`` filters by label; ``extra``
     (label -> overrides, e.g. a loss-weight sweep) is run besides whatever is selected."""
-    names = sorted(DISTILLER_REGISTRY._obj_map)
+    names = registered_distillers()
     runs = {BASELINE: ["MODEL.DISTILL.ENABLED", False]}
     runs.update(method_variants())
     for combo in COMBINATIONS:
@@ -62,16 +62,23 @@ def parse_variant(text: str) -> Tuple[str, List[str]]:
     return label.strip(), opts
 
 
-def check_overrides(plan: Dict[str, List]) -> None:
-    """Fail before any training if a run's overrides are not valid keys/values of the student
-    config (a typo in ``--variant`` would otherwise surface only after the teacher is trained)."""
+def student_cfg():
+    """The students' config as ``train_net.py`` reads it (before per-run overrides)."""
     from detectron2.config import get_cfg
 
     from ..config import add_distill_config
 
+    cfg = add_distill_config(get_cfg())
+    cfg.merge_from_file(os.path.join(REPO_ROOT, STUDENT_CFG))
+    return cfg
+
+
+def check_overrides(plan: Dict[str, List]) -> None:
+    """Fail before any training if a run's overrides are not valid keys/values of the student
+    config (a typo in ``--variant`` would otherwise surface only after the teacher is trained)."""
+    base = student_cfg()
     for label, opts in plan.items():
-        cfg = add_distill_config(get_cfg())
-        cfg.merge_from_file(os.path.join(REPO_ROOT, STUDENT_CFG))
+        cfg = base.clone()
         try:
             cfg.merge_from_list(_opts_str(opts))
         except Exception as e:  # yacs raises KeyError/ValueError/AssertionError
@@ -104,16 +111,20 @@ def _read_curve(metrics_json: str) -> List[Tuple[int, Dict[str, float]]]:
     return curve
 
 
+def _schedule(iters: Optional[int]) -> List:
+    """Overrides for ``iters`` iterations with lr steps at 80 % and 95 % (none: the config's)."""
+    if not iters:
+        return []
+    return ["SOLVER.MAX_ITER", iters, "SOLVER.STEPS", f"({int(iters * .8)},{int(iters * .95)})"]
+
+
 def train_teacher(out: str, iters: Optional[int], weights: Optional[str]) -> Tuple[str, dict]:
     """The teacher's weights (trained here unless given or already there) and its AP."""
     if not weights:
         tdir = os.path.join(out, "teacher")
         weights = os.path.join(tdir, "model_final.pth")
         if not os.path.isfile(weights):
-            opts = ["OUTPUT_DIR", tdir, "DATASETS.TEST", "()"]
-            if iters:
-                opts += ["SOLVER.MAX_ITER", iters, "SOLVER.STEPS", f"({int(iters * .8)},"
-                         f"{int(iters * .95)})"]
+            opts = ["OUTPUT_DIR", tdir, "DATASETS.TEST", "()"] + _schedule(iters)
             _train_net(["--config-file", TEACHER_CFG] + opts, os.path.join(tdir, "train.log"))
     eval_dir = os.path.join(out, "teacher_eval")
     result = os.path.join(eval_dir, "eval_results.json")
@@ -126,20 +137,18 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str]) -> Tup
 
 
 def run_student(out: str, label: str, opts: List, seed: int, teacher_weights: str,
-                iters: Optional[int], eval_points: int) -> dict:
-    """One student run; returns {"final": {...}, "curve": [...]} (cached in final.json)."""
+                iters: Optional[int], default_iters: int, eval_points: int) -> dict:
+    """One student run of ``iters`` (None: the config's ``default_iters``) iterations; returns
+    {"final": {...}, "curve": [...]} (cached in final.json)."""
     folder = label.replace(" ", "_").replace("+", "_").replace("/", "_")
     rdir = os.path.join(out, "runs", folder, f"seed{seed}")
     final_json = os.path.join(rdir, "final.json")
     if os.path.isfile(final_json):
         with open(final_json) as f:
             return json.load(f)
-    n_iter = iters or 600
-    schedule = ["SOLVER.MAX_ITER", n_iter, "SOLVER.STEPS", f"({int(n_iter * .8)},"
-                f"{int(n_iter * .95)})"] if iters else []
     args = ["--config-file", STUDENT_CFG, "SEED", seed, "OUTPUT_DIR", rdir,
-            "TEST.EVAL_PERIOD", max(1, n_iter // eval_points),
-            "MODEL.DISTILL.TEACHER.WEIGHTS", teacher_weights] + schedule + _opts_str(opts)
+            "TEST.EVAL_PERIOD", max(1, (iters or default_iters) // eval_points),
+            "MODEL.DISTILL.TEACHER.WEIGHTS", teacher_weights] + _schedule(iters) + _opts_str(opts)
     _train_net(args, os.path.join(rdir, "train.log"))
     curve = _read_curve(os.path.join(rdir, "metrics.json"))
     result = {"final": curve[-1][1], "curve": curve, "seed": seed, "label": label}
@@ -215,16 +224,18 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
     progress(f"[gain] teacher ({TEACHER_CFG})")
     weights, teacher = train_teacher(work_dir, teacher_iters, teacher_weights)
     progress(f"[gain] teacher AP {teacher['AP']:.2f}")
+    default_iters = student_cfg().SOLVER.MAX_ITER
     runs: Dict[str, List[dict]] = {label: [] for label in plan}
     for seed in range(seeds):
         for label, opts in plan.items():
-            r = run_student(work_dir, label, opts, seed, weights, iters, eval_points)
+            r = run_student(work_dir, label, opts, seed, weights, iters, default_iters,
+                            eval_points)
             runs[label].append(r)
             progress(f"[gain] seed {seed} {label}: AP {r['final']['AP']:.2f}")
     rows = summarize(teacher, runs)
     info = machine_info("cpu")
     setting = (f"shapes_train -> shapes_val; teacher RetinaNet R18-FPN wide ({TEACHER_CFG}), students "
-               f"RetinaNet R18-FPN ({STUDENT_CFG}) trained {iters or 600} iterations each, "
+               f"RetinaNet R18-FPN ({STUDENT_CFG}) trained {iters or default_iters} iterations each, "
                f"seeds 0..{seeds - 1}; teacher AP {teacher['AP']:.2f} / AP50 "
                f"{teacher['AP50']:.2f} / AP75 {teacher['AP75']:.2f}")
     table = markdown_table(

@@ -1,5 +1,7 @@
 """Distillers: one method per file, registered in DISTILLER_REGISTRY on import."""
-from .registry import DISTILLER_REGISTRY, build_distillers, register_distiller
+from .registry import DISTILLER_REGISTRY, build_distillers, register_distiller, \
+    registered_distillers
 from . import csgr  # noqa: F401  (registers "CSGR")
 
-__all__ = ["DISTILLER_REGISTRY", "build_distillers", "register_distiller"]
+__all__ = ["DISTILLER_REGISTRY", "build_distillers", "register_distiller",
+           "registered_distillers"]

@@ -1,5 +1,5 @@
 """DISTILLER_REGISTRY and the builder that turns ``MODEL.DISTILL.METHODS`` into modules."""
-from typing import Dict
+from typing import Dict, List
 
 from detectron2.layers import ShapeSpec
 from detectron2.utils.registry import Registry
@@ -26,17 +26,22 @@ def register_distiller(name: str):
     return deco
 
 
+def registered_distillers() -> List[str]:
+    """The names usable in ``MODEL.DISTILL.METHODS``, sorted."""
+    return sorted(name for name, _ in DISTILLER_REGISTRY)
+
+
 def build_distillers(
     cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec]
 ) -> nn.ModuleDict:
     """One distiller per name in ``cfg.MODEL.DISTILL.METHODS``, keyed by that name."""
     methods = list(cfg.MODEL.DISTILL.METHODS)
-    known = sorted(DISTILLER_REGISTRY._obj_map.keys())
     out = nn.ModuleDict()
     for name in methods:
         if name not in DISTILLER_REGISTRY:
             raise KeyError(
-                f"MODEL.DISTILL.METHODS names unknown distiller {name!r}; registered: {known}"
+                f"MODEL.DISTILL.METHODS names unknown distiller {name!r}; registered: "
+                f"{registered_distillers()}"
             )
         if name in out:
             raise ValueError(f"MODEL.DISTILL.METHODS lists {name!r} twice: {methods}")
