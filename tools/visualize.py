@@ -93,7 +93,7 @@ def main(argv=None):
         inputs = [model_input(image, aug, d["height"], d["width"])]
         with torch.no_grad():
             s_pred = student(inputs)[0]["instances"]
-            t_pred = teacher(student.teacher_inputs(teacher, inputs))[0]["instances"]
+            t_pred = teacher(student.teacher_inputs(inputs))[0]["instances"]
         scale = max(1.0, args.min_display_size / min(rgb.shape[:2]))
         gt = Visualizer(rgb, metadata, scale=scale).draw_dataset_dict(d).get_image()
         panels = [labelled(gt, "ground truth"),
@@ -106,15 +106,12 @@ def main(argv=None):
         if csgr is None:
             continue
 
-        with torch.no_grad():
+        with torch.no_grad():  # the records a training step gives the distiller
             s_images = student.preprocess_image(inputs)
-            t_images = student.teacher_images(teacher, inputs)
-            s_feats = student.backbone(s_images.tensor)
-            t_feats = teacher.backbone(t_images.tensor)
-            t_logits = None
-            if csgr.attention == "teacher_head":
-                names = list(teacher.head_in_features)
-                t_logits = teacher.head([t_feats[f] for f in names])[0][names.index(level)]
+            s_rec = student.recorder.record(student, s_images, inputs, ("features",))
+            t_rec = student.run_teacher(inputs, s_rec)
+            t_logits = t_rec.level_logits(level) if "cls_logits" in t_rec else None
+            s_feats, t_feats = s_rec.features, t_rec.features
             maps = {role: csgr.attention_maps(feats, level, role, teacher_logits=t_logits)
                     for role, feats in (("teacher", t_feats), ("student", s_feats))}
         image_size = s_images.image_sizes[0]

@@ -7,7 +7,7 @@ checkpoints. Its parameters have ``requires_grad=False`` and it stays in eval mo
 import copy
 import logging
 import os
-from typing import List
+from typing import List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -80,7 +80,34 @@ def build_teacher_cfg(student_cfg):
             f"the teacher ({tcfg_path}) {kt}. Distill only between detectors of the same "
             "dataset, or fix the teacher's NUM_CLASSES in MODEL.DISTILL.TEACHER.OPTS."
         )
+    check_class_names(student_cfg, tcfg, tcfg_path)
     return tcfg
+
+
+def class_names_of(cfg) -> Optional[List[str]]:
+    """The class names of the config's first training set, where its metadata already has them
+    (no dataset is loaded for this), else None."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if not cfg.DATASETS.TRAIN or cfg.DATASETS.TRAIN[0] not in DatasetCatalog.list():
+        return None
+    names = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
+    return list(names) if names else None
+
+
+def check_class_names(student_cfg, teacher_cfg, teacher_path: str) -> None:
+    """Teacher and student must predict the same classes in the same order: compare the class
+    names of their training sets where both metadata have them."""
+    s_names, t_names = class_names_of(student_cfg), class_names_of(teacher_cfg)
+    if s_names is None or t_names is None or s_names == t_names:
+        return
+    raise ValueError(
+        "Teacher and student disagree on the class names: the student trains on "
+        f"{student_cfg.DATASETS.TRAIN[0]} {s_names}, the teacher ({teacher_path}) on "
+        f"{teacher_cfg.DATASETS.TRAIN[0]} {t_names}. Their class logits would be compared class "
+        "by class in that order: train (or fine-tune) the teacher on the student's classes, or "
+        "set the teacher's DATASETS.TRAIN in MODEL.DISTILL.TEACHER.OPTS if it was trained on "
+        "the student's data.")
 
 
 def _add_project_configs(tcfg, student_cfg):

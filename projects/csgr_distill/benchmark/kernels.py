@@ -9,6 +9,7 @@ from detectron2.layers import ShapeSpec
 
 from ..config import add_distill_config
 from ..distillers import DISTILLER_REGISTRY
+from ..distillers.registry import fields_by_role
 from ..layers import CrissCrossAttention
 from ..layers.reference import NaiveCrissCrossAttention
 from ..outputs import DetectorOutputs
@@ -62,15 +63,13 @@ def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333,
             rows.append({"method": label, "note": "no straightforward reference registered"})
             continue
         distiller = _build(name, opts, channels, num_classes, device)
-        if set(distiller.required_outputs) != {"features"}:
+        if any(set(f) != {"features"} for f in fields_by_role(distiller).values()):
             continue  # the loss kernel needs detector head outputs (e.g. teacher_head): skipped
         s_feats = {k: v.clone().requires_grad_(True) for k, v in feats["student"].items()}
-        s_out = DetectorOutputs(image_sizes=[(height, width)] * batch,
-                                padded_size=(height, width), features=s_feats,
-                                feature_names=list(LEVELS))
-        t_out = DetectorOutputs(image_sizes=[(height, width)] * batch,
-                                padded_size=(height, width), features=feats["teacher"],
-                                feature_names=list(LEVELS))
+        s_out = DetectorOutputs("features", [(height, width)] * batch, (height, width),
+                                features=s_feats, feature_names=list(LEVELS))
+        t_out = DetectorOutputs("features", [(height, width)] * batch, (height, width),
+                                features=feats["teacher"], feature_names=list(LEVELS))
 
         def ours():
             return distiller(s_out, t_out, [])

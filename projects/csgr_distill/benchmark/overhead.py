@@ -25,6 +25,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from ..config import add_distill_config
+from ..records import recorder_for
 from ..teacher import REPO_ROOT, FrozenTeacher, build_teacher_cfg
 from .common import header_lines, machine_info, markdown_table, matmul_flops, median, \
     method_variants, synchronize, time_calls, write_results
@@ -76,8 +77,10 @@ class _Variant:
         with EventStorage(0):
             losses = self.model(batch)
             if self.teacher_forward is not None:
-                with torch.no_grad():
-                    self.model.teacher_outputs(self.teacher_forward.model, batch, ("features",))
+                with torch.no_grad():  # what every feature distiller needs of the teacher
+                    t = self.teacher_forward.model
+                    recorder_for(t).record(t, t.preprocess_image(batch), batch,
+                                                 ("features",), None)
         self.optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         self.optimizer.step()

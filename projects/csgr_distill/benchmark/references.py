@@ -2,7 +2,8 @@
 
 Each one is the method's formula written the plain way (per branch, per level, CCNet-style
 criss-cross with a per-call ``-inf`` diagonal), sharing the distiller's parameters so that both
-compute the same numbers. Register one per distiller name in ``REFERENCE_LOSSES``.
+compute the same numbers. Standardisation is the project's one ``channel_standardize`` (it is not
+what the kernels compare). Register one per distiller name in ``REFERENCE_LOSSES``.
 """
 from typing import Callable, Dict
 
@@ -10,13 +11,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..layers.adapters import channel_standardize
 from ..layers.reference import naive_criss_cross_pass
-
-
-def _standardize(x: Tensor) -> Tensor:
-    mu = x.mean(dim=(0, 2, 3), keepdim=True)
-    sigma = x.std(dim=(0, 2, 3), keepdim=True)  # unbiased
-    return (x - mu) / (sigma + 1e-6)
 
 
 def straightforward_csgr(distiller, student: Dict[str, Tensor], teacher: Dict[str, Tensor]):
@@ -25,8 +21,8 @@ def straightforward_csgr(distiller, student: Dict[str, Tensor], teacher: Dict[st
     losses = {}
     for level in distiller.in_features:
         mod = distiller.levels[level]
-        s_hat = _standardize(mod.adapter(student[level]))
-        t_hat = _standardize(teacher[level].detach())
+        s_hat = channel_standardize(mod.adapter(student[level]))
+        t_hat = channel_standardize(teacher[level].detach())
         n = s_hat.shape[0]
         vectors = []
         for x in (s_hat, t_hat):

@@ -81,7 +81,9 @@ class CSGRDistiller(nn.Module):
     The classifier W and the CCA block get gradients through both branches.
     """
 
-    required_outputs = ("features",)
+    required_outputs = {"student": ("features",), "teacher": ("features",)}
+    loss_weight_keys = {"loss_csgr_cs": "MODEL.DISTILL.CSGR.ALPHA",
+                        "loss_csgr_gr": "MODEL.DISTILL.CSGR.BETA"}
 
     @configurable
     def __init__(
@@ -135,7 +137,9 @@ class CSGRDistiller(nn.Module):
         self.attention = attention
         self.recurrence = int(recurrence)
         if attention == "teacher_head":
-            self.required_outputs = ("features", "cls_logits")
+            # only the teacher's class logits are read: any student family works
+            self.required_outputs = {"student": ("features",),
+                                     "teacher": ("features", "cls_logits")}
         self.levels = nn.ModuleDict(
             {
                 f: _CSGRLevel(int(student_channels[f]), int(teacher_channels[f]), self.num_classes,
@@ -147,16 +151,10 @@ class CSGRDistiller(nn.Module):
     @classmethod
     def from_config(cls, cfg, student_shapes, teacher_shapes):
         c = cfg.MODEL.DISTILL.CSGR
-        in_features = [f for f in c.IN_FEATURES if f in student_shapes and f in teacher_shapes]
-        for f in in_features:
-            ss, ts = student_shapes[f].stride, teacher_shapes[f].stride
-            if ss is not None and ts is not None and ss != ts:
-                raise ValueError(
-                    f"MODEL.DISTILL.CSGR.IN_FEATURES: level {f!r} has stride {ss} in the student "
-                    f"but {ts} in the teacher; distil only levels of equal stride"
-                )
         return {
-            "in_features": list(c.IN_FEATURES),  # __init__ reports levels a network lacks
+            # __init__ reports levels a network lacks; strides and level provenance of the pair
+            # are checked by the meta-architecture (records.check_level_pairs)
+            "in_features": list(c.IN_FEATURES),
             "student_channels": {f: s.channels for f, s in student_shapes.items()},
             "teacher_channels": {f: t.channels for f, t in teacher_shapes.items()},
             "num_classes": num_classes_of(cfg),

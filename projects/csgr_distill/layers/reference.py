@@ -107,7 +107,7 @@ def loop_channel_standardize(x: Tensor, eps: float = 1e-6) -> Tensor:
     for ch in range(x.shape[1]):
         vals = x[:, ch].reshape(-1).double()
         mu = vals.sum() / vals.numel()
-        var = ((vals - mu) ** 2).sum() / (vals.numel() - 1)
+        var = ((vals - mu) ** 2).sum() / max(vals.numel() - 1, 1)
         out[:, ch] = ((x[:, ch].double() - mu) / (var.sqrt() + eps)).to(x.dtype)
     return out
 

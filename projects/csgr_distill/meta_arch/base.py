@@ -1,58 +1,77 @@
-"""DistillMixin: the teacher, the distillers, the decay factor and the loss assembly.
+"""DistillMixin: the teacher, the distillers, the decay factors and the loss assembly.
 
-Shared by every ``Distill*`` meta-architecture. A concrete class mixes it in front of a detectron2
-meta-architecture (``class DistillRetinaNet(DistillMixin, RetinaNet)``) and provides three
-detector-specific pieces:
+Shared by every ``Distill*`` meta-architecture. A concrete class only mixes it in front of a
+detectron2 meta-architecture (``class DistillRetinaNet(DistillMixin, RetinaNet)``); how to record
+that detector comes from its family's recorder (``csgr_distill.records``), chosen by type, and the
+teacher is recorded by *its* family's recorder, so any teacher/student pair of recorded families
+works (a RetinaNet student with a Faster R-CNN teacher, and the reverse).
 
-* ``recorded_modules(fields)``: the student's submodules whose outputs a training step must keep
-  (e.g. ``backbone``, ``head``); they are captured with forward hooks, so the base class's own
-  ``forward`` runs unchanged;
-* ``student_outputs(record, batched_inputs, fields) -> DetectorOutputs`` from those captures;
-* ``teacher_outputs(teacher, batched_inputs, fields) -> DetectorOutputs``: the teacher's pass.
+One training step:
+
+1. the base class's own ``forward`` runs unchanged; forward hooks on the modules the student's
+   recorder names capture what the distillers read, and the recorder builds the student's
+   :class:`DetectorOutputs`;
+2. the teacher (its own channel order, pixel mean/std; padded to the student's grid) runs under
+   ``no_grad`` through its recorder, which receives the student's record and computes only the
+   fields asked of the teacher;
+3. each distiller returns named, weighted losses; each is multiplied by that method's decay
+   factor and merged into the loss dict. A non-finite distillation loss stops the run with a
+   message naming the loss and its weight key.
 
 With ``MODEL.DISTILL.ENABLED = False`` nothing of this is built and the class is its base class.
 """
 import contextlib
 import logging
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
 from ..distillers import build_distillers
-from ..outputs import OUTPUT_FIELDS, DetectorOutputs
+from ..distillers.registry import fields_by_role
+from ..outputs import ROLES, DetectorOutputs
+from ..records import DetectorSpec, check_level_pairs, grid_multiple, pad_images, recorder_for
 from ..teacher import FrozenTeacher, build_teacher_cfg
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistillMixin", "distill_init_kwargs", "image_sizes_of", "teacher_feature_shapes"]
+__all__ = ["DistillMixin", "distill_init_kwargs"]
+
+#: a distillation loss this many times the detection losses gets a warning naming its weight key
+DOMINANCE_WARNING = 1e4
 
 
-def teacher_feature_shapes(teacher_cfg) -> Dict[str, ShapeSpec]:
-    """The teacher backbone's output shapes, built on the meta device (no memory, no weights)."""
-    from detectron2.modeling import build_backbone
-
-    with torch.device("meta"):
-        backbone = build_backbone(teacher_cfg)
-    return backbone.output_shape()
-
-
-def distill_init_kwargs(cfg, student_shapes: Dict[str, ShapeSpec]) -> dict:
-    """``from_config`` kwargs of a Distill* meta-architecture: the distillers and the student cfg.
-
-    Only configs (no weights) are read here, so building the student for ``--eval-only`` or
-    inference never needs the teacher checkpoint.
-    """
+def distill_init_kwargs(cfg, model_type: type, backbone) -> dict:
+    """``from_config`` kwargs of a Distill* meta-architecture: distillers, teacher description,
+    grid. Only configs are read (the teacher's backbone is built on the meta device), so building
+    the student never needs the teacher checkpoint; every pair problem that a config shows is
+    raised here, at build time, not at step N."""
     if not cfg.MODEL.DISTILL.ENABLED:
         return {"distillers": None, "distill_cfg": None}
-    tcfg = build_teacher_cfg(cfg)
     if not cfg.MODEL.DISTILL.METHODS:
         raise ValueError("MODEL.DISTILL.ENABLED is True but MODEL.DISTILL.METHODS is empty; "
                          "list registered distillers, e.g. ['CSGR'], or set ENABLED False")
-    distillers = build_distillers(cfg, student_shapes, teacher_feature_shapes(tcfg))
-    return {"distillers": distillers, "distill_cfg": cfg}
+    tcfg = build_teacher_cfg(cfg)
+    student = DetectorSpec.from_backbone(cfg.MODEL.META_ARCHITECTURE, model_type, backbone)
+    teacher = DetectorSpec.from_cfg(tcfg)
+    distillers = build_distillers(cfg, student.shapes, teacher.shapes)
+    fields = {role: set() for role in ROLES}
+    for name, d in distillers.items():
+        who = f"MODEL.DISTILL.METHODS {name!r}"
+        for role, spec in (("student", student), ("teacher", teacher)):
+            wanted = fields_by_role(d)[role]
+            spec.recorder.check_fields(wanted, role, who)
+            fields[role].update(wanted)
+        check_level_pairs(getattr(d, "in_features", ()), student, teacher, who)
+    return {
+        "distillers": distillers,
+        "distill_cfg": cfg,
+        "teacher_spec": teacher,
+        "distill_fields": {r: tuple(sorted(f)) for r, f in fields.items()},
+        "grid_multiple": grid_multiple(student, teacher),
+    }
 
 
 class DistillMixin:
@@ -61,35 +80,38 @@ class DistillMixin:
     Attributes:
         distillers: ``nn.ModuleDict`` name -> distiller (trained by the main optimizer, saved in
             checkpoints), or None when distillation is off.
-        distill_factor: current decay factor; set by the trainer's decay hook every iteration.
+        distill_factor: the default decay factor (``MODEL.DISTILL.DECAY``), set by the trainer's
+            decay hook every iteration.
+        distill_factors: method name -> its own factor, for methods with their own schedule
+            (``MODEL.DISTILL.<METHOD>.DECAY``); methods not listed use ``distill_factor``.
+        distill_fields: role -> the record fields the distillers read from that role.
+        recorder: this detector's family recorder (also used for the teacher of the same family).
     """
 
-    #: DetectorOutputs fields this meta-architecture can record (subset of OUTPUT_FIELDS).
-    supported_fields: Tuple[str, ...] = ("features",)
-
     @configurable
-    def __init__(self, *, distillers: Optional[nn.ModuleDict] = None, distill_cfg=None, **kwargs):
+    def __init__(self, *, distillers: Optional[nn.ModuleDict] = None, distill_cfg=None,
+                 teacher_spec: Optional[DetectorSpec] = None,
+                 distill_fields: Optional[Dict[str, Tuple[str, ...]]] = None,
+                 grid_multiple: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.distillers = distillers
         self.distill_factor = 1.0
-        # Not an nn.Module attribute: plain objects stay out of the module tree.
+        self.distill_factors: Dict[str, float] = {}
+        # Plain objects stay out of the module tree (state_dict, optimizer, DDP).
         self._distill_cfg = distill_cfg
+        self._teacher_spec = teacher_spec
         self._teacher: Optional[FrozenTeacher] = None
-        fields = set()
-        for d in (distillers or {}).values():
-            fields.update(d.required_outputs)
-        unsupported = fields - set(self.supported_fields)
-        if unsupported:
-            raise ValueError(
-                f"{type(self).__name__} cannot provide {sorted(unsupported)} to the distillers "
-                f"{list(distillers)} (it records {list(self.supported_fields)}); check "
-                "MODEL.DISTILL.METHODS and the methods' options")
-        self.distill_fields: Tuple[str, ...] = tuple(f for f in OUTPUT_FIELDS if f in fields)
+        self._grid_multiple = int(grid_multiple)
+        self._dominance_warned = False
+        self.recorder = recorder_for(type(self))
+        self.distill_fields = distill_fields or {r: () for r in ROLES}
+        self.recorder.check_fields(self.distill_fields["student"], "student",
+                                   f"{type(self).__name__}'s distillers")
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        ret.update(distill_init_kwargs(cfg, ret["backbone"].output_shape()))
+        ret.update(distill_init_kwargs(cfg, cls, ret["backbone"]))
         return ret
 
     @property
@@ -131,11 +153,22 @@ class DistillMixin:
     def forward(self, batched_inputs: List[dict]):
         if not (self.training and self.distill_enabled):
             return super().forward(batched_inputs)
-        with self._recording(self.recorded_modules(self.distill_fields)) as record:
+        fields = self.distill_fields["student"]
+        with self._recording(self.recorder.hook_modules(self, fields)) as record:
             losses = super().forward(batched_inputs)
-        student = self.student_outputs(record, batched_inputs, self.distill_fields)
+        student = self.recorder.from_hooks(self, record, batched_inputs, fields)
+        with torch.no_grad():
+            teacher = self.run_teacher(batched_inputs, student)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        return self.add_distill_losses(losses, student, batched_inputs, gt_instances)
+        return self.add_distill_losses(losses, student, teacher, gt_instances)
+
+    def preprocess_image(self, batched_inputs: List[dict]):
+        """The base class's preprocessing; in distillation training the batch is padded further
+        to the grid multiple both detectors accept (only when their divisibilities differ)."""
+        images = super().preprocess_image(batched_inputs)
+        if self.training and self.distill_enabled and self._grid_multiple > 1:
+            images = pad_images(images, multiple=self._grid_multiple)
+        return images
 
     @contextlib.contextmanager
     def _recording(self, modules: Dict[str, nn.Module]):
@@ -156,39 +189,10 @@ class DistillMixin:
             for h in handles:
                 h.remove()
 
-    def recorded_modules(self, fields: Tuple[str, ...]) -> Dict[str, nn.Module]:
-        """Student submodules whose outputs :meth:`student_outputs` needs (default: backbone)."""
-        return {"backbone": self.backbone}
-
-    def student_outputs(self, record: dict, batched_inputs: List[dict],
-                        fields: Tuple[str, ...]) -> DetectorOutputs:
-        raise NotImplementedError
-
-    def add_distill_losses(
-        self,
-        losses: Dict[str, Tensor],
-        student: DetectorOutputs,
-        batched_inputs: List[dict],
-        gt_instances: list,
-    ) -> Dict[str, Tensor]:
-        """Run the teacher, every distiller, scale by the decay factor, merge into ``losses``."""
-        with torch.no_grad():
-            teacher = self.teacher_outputs(self.teacher.model, batched_inputs, self.distill_fields)
-        factor = float(self.distill_factor)
-        for name, distiller in self.distillers.items():
-            for key, value in distiller(student, teacher, gt_instances).items():
-                if key in losses:
-                    raise KeyError(f"Distiller {name} returns loss {key!r}, which already exists")
-                losses[key] = value * factor
-        return losses
-
-    def teacher_outputs(
-        self, teacher: nn.Module, batched_inputs: List[dict], fields: Tuple[str, ...]
-    ) -> DetectorOutputs:
-        raise NotImplementedError
-
-    def teacher_inputs(self, teacher: nn.Module, batched_inputs: List[dict]) -> List[dict]:
-        """The batch in the teacher's channel order (INPUT.FORMAT RGB vs BGR)."""
+    def teacher_inputs(self, batched_inputs: List[dict]) -> List[dict]:
+        """The batch in the teacher's channel order (its INPUT.FORMAT, RGB or BGR): what the
+        teacher's own ``forward`` takes (e.g. to draw its predictions)."""
+        teacher = self.teacher.model
         if teacher.input_format == self.input_format:
             return batched_inputs
         if {teacher.input_format, self.input_format} != {"RGB", "BGR"}:
@@ -196,11 +200,87 @@ class DistillMixin:
                              f"from the student's {self.input_format}")
         return [dict(x, image=x["image"].flip(0)) for x in batched_inputs]
 
-    def teacher_images(self, teacher: nn.Module, batched_inputs: List[dict]):
-        """The batch as the teacher expects it: its own channel order, pixel mean/std, padding."""
-        return teacher.preprocess_image(self.teacher_inputs(teacher, batched_inputs))
+    def teacher_images(self, batched_inputs: List[dict], padded_size=None):
+        """The batch as the teacher's backbone expects it: its channel order and pixel
+        mean/std, padded to ``padded_size`` (the student's grid) when given."""
+        images = self.teacher.model.preprocess_image(self.teacher_inputs(batched_inputs))
+        return pad_images(images, size=padded_size) if padded_size is not None else images
 
+    def run_teacher(self, batched_inputs: List[dict],
+                    student: Optional[DetectorOutputs] = None,
+                    fields: Optional[Tuple[str, ...]] = None) -> DetectorOutputs:
+        """The teacher's record of this batch (call under ``no_grad``): only ``fields``
+        (default: what the distillers read from the teacher), on the student's grid."""
+        teacher = self.teacher.model
+        fields = self.distill_fields["teacher"] if fields is None else fields
+        images = self.teacher_images(batched_inputs,
+                                     student.padded_size if student is not None else None)
+        return recorder_for(teacher).record(teacher, images, batched_inputs, fields,
+                                                  student)
 
-def image_sizes_of(batched_inputs: List[dict]) -> List[Tuple[int, int]]:
-    """``(h, w)`` of every (resized, unpadded) input image, as ``ImageList.image_sizes``."""
-    return [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+    def add_distill_losses(
+        self,
+        losses: Dict[str, Tensor],
+        student: DetectorOutputs,
+        teacher: DetectorOutputs,
+        gt_instances: list,
+    ) -> Dict[str, Tensor]:
+        """Run every distiller, scale by its decay factor, check, merge into ``losses``."""
+        distill: Dict[str, Tensor] = {}
+        owner: Dict[str, str] = {}
+        for name, distiller in self.distillers.items():
+            factor = float(self.distill_factors.get(name, self.distill_factor))
+            for key, value in distiller(student, teacher, gt_instances).items():
+                if key in losses or key in distill:
+                    raise KeyError(f"Distiller {name} returns loss {key!r}, which already exists")
+                distill[key] = value * factor
+                owner[key] = name
+        self._check_distill_losses(losses, distill, owner)
+        losses.update(distill)
+        return losses
+
+    def _check_distill_losses(self, detection: Dict[str, Tensor], distill: Dict[str, Tensor],
+                              owner: Dict[str, str]) -> None:
+        """Stop on a non-finite distillation loss, naming it and its weight key; warn once when
+        the distillation losses dwarf the detection losses (a broken weight trains on
+        otherwise). One host sync per step."""
+        if not distill:
+            return
+        keys = list(distill)
+        values = torch.stack([v.detach().float().reshape(()) for v in distill.values()]
+                             + [sum(v.detach().float().reshape(()) for v in detection.values())
+                                if detection else torch.zeros((), device=self.device)])
+        values = values.tolist()
+        det_total = values[-1]
+        bad = [k for k, v in zip(keys, values) if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(
+                "Distillation loss became infinite or NaN: "
+                + "; ".join(f"{k} = {distill[k].item()} ({self._weight_hint(owner[k], k)})"
+                            for k in bad)
+                + ". Check that weight, the teacher checkpoint and the input data.")
+        total = sum(values[:-1])
+        if (not self._dominance_warned and abs(det_total) > 0
+                and abs(total) > DOMINANCE_WARNING * abs(det_total)):
+            self._dominance_warned = True
+            worst = max(keys, key=lambda k: abs(values[keys.index(k)]))
+            logger.warning(
+                "The distillation losses (%.3g) are more than %.0e times the detection losses "
+                "(%.3g); the largest is %s = %.3g (%s). A weight this large drowns the detection "
+                "loss: check it.", total, DOMINANCE_WARNING, det_total, worst,
+                values[keys.index(worst)], self._weight_hint(owner[worst], worst))
+
+    def _weight_hint(self, method: str, loss_name: str) -> str:
+        """``'weight MODEL.DISTILL.CSGR.ALPHA = 0.0005'`` for a loss, from the distiller's
+        ``loss_weight_keys`` (loss-name prefix -> config key)."""
+        keys = getattr(self.distillers[method], "loss_weight_keys", {}) or {}
+        for prefix, key in keys.items():
+            if loss_name.startswith(prefix):
+                value = self._distill_cfg
+                try:
+                    for part in key.split("."):
+                        value = value[part]
+                except (KeyError, TypeError):
+                    value = "?"
+                return f"weight {key} = {value}"
+        return f"method {method}"
