@@ -89,3 +89,35 @@ def fake_batch(n=2, size=64, seed=0):
         img = (torch.rand(3, size, size, generator=g) * 255).round()
         batch.append({"image": img, "instances": inst, "height": size, "width": size})
     return batch
+
+
+def rcnn_base_cfg(output_dir, fpn_channels=16):
+    """A tiny Faster R-CNN FPN (R18, p2-p6) on the tiny shapes, same input as ``base_cfg``."""
+    from detectron2 import model_zoo
+
+    cfg = base_cfg(output_dir, fpn_channels)
+    cfg.merge_from_file(model_zoo.get_config_file("Base-RCNN-FPN.yaml"))
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 6
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 32
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 32
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 64
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16], [32], [64], [128]]
+    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[1.0]]
+    return cfg
+
+
+def write_model(tmp_path, cfg, name):
+    """Save a randomly initialised model of ``cfg`` as ``<name>.yaml`` + ``<name>.pth``; returns
+    (yaml path, weights path, model)."""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    weights = str(tmp_path / f"{name}.pth")
+    torch.save({"model": model.state_dict()}, weights)
+    yaml_path = tmp_path / f"{name}.yaml"
+    yaml_path.write_text(cfg.dump())
+    return str(yaml_path), weights, model
