@@ -12,6 +12,7 @@ per variant (``--memory-probe``; high-water mark reset after the imports) minus 
 before building the models, i.e. weights + gradients + optimizer state + teacher + activations.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,6 +70,7 @@ class _Variant:
 
     def __init__(self, label, model, teacher_forward: Optional[FrozenTeacher] = None):
         self.label, self.model, self.teacher_forward = label, model, teacher_forward
+        self.last_losses: Dict[str, float] = {}
         self.optimizer = torch.optim.SGD(
             [p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
         # lr 0: timing only (the step costs the same); random FrozenBN weights must not drift
@@ -84,6 +86,7 @@ class _Variant:
         self.optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         self.optimizer.step()
+        self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
 
 
 def build_variants(detector: str, device: str, only: Optional[str] = None) -> List[_Variant]:
@@ -176,6 +179,7 @@ def run(out_dir: str, device: str = "cpu", height: int = 512, width: int = 640, 
         for _ in range(repeats):
             for v in variants:
                 times[v.label] += time_calls(lambda v=v: v.step(data), device, 1, 0)
+        losses = {v.label: v.last_losses for v in variants}  # of the last timed step
         del variants
         if not measure_memory:
             memory = {label: float("nan") for label in times}
@@ -197,6 +201,8 @@ def run(out_dir: str, device: str = "cpu", height: int = 512, width: int = 640, 
                 "matmul_flop_over_floor_percent": 100.0 * (flops[label] - flops[FLOOR])
                 / flops[FLOOR],
                 "peak_mb": memory[label], "memory_vs_student": memory[label] / memory[STUDENT],
+                "losses": losses[label],
+                "losses_finite": all(math.isfinite(x) for x in losses[label].values()),
             })
         setting = (f"{detector}: student {DETECTORS[detector][0]}, teacher "
                    f"{DETECTORS[detector][1]} (random weights), input {height}x{width}, batch "
