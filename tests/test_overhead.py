@@ -1,0 +1,51 @@
+"""tools/benchmark.py overhead on a small but real case: every variant trains with finite losses,
+every method's distillation losses are there and non-zero, and the bookkeeping adds up. (The
+numbers themselves are measured by the tool, never asserted here.)"""
+import json
+import math
+
+import pytest
+
+from csgr_distill.benchmark import overhead
+from csgr_distill.distillers import registered_distillers
+
+
+@pytest.fixture(scope="module")
+def retinanet_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("overhead")
+    # batch 2 at 128 px: every level has more than one position (p7 is 1x1 per image)
+    overhead.run(str(out), height=128, width=128, batch=2, repeats=1, warmup=0,
+                 detectors=("RetinaNet",), command="test", measure_memory=False)
+    data = json.loads((out / "overhead.json").read_text())["cpu RetinaNet"]
+    return {r["variant"]: r for r in data["rows"]}
+
+
+def test_every_variant_trains_with_finite_losses(retinanet_rows):
+    assert list(retinanet_rows)[:2] == [overhead.STUDENT, overhead.FLOOR]
+    assert set(registered_distillers()) <= set(retinanet_rows)
+    for label, row in retinanet_rows.items():
+        assert row["losses_finite"], (label, row["losses"])
+        assert {"loss_cls", "loss_box_reg"} <= set(row["losses"])
+        assert all(math.isfinite(v) for v in row["losses"].values())
+
+
+def test_every_method_returns_nonzero_losses_on_every_level(retinanet_rows):
+    for label, row in retinanet_rows.items():
+        distill = {k: v for k, v in row["losses"].items() if k.startswith("loss_csgr")}
+        if label in (overhead.STUDENT, overhead.FLOOR):
+            assert not distill
+            continue
+        levels = {k.rsplit("_", 1)[1] for k in distill}
+        assert levels == {"p3", "p4", "p5", "p6", "p7"}, label
+        # the global-relation term compares maps of two random networks: never 0
+        assert all(distill[f"loss_csgr_gr_{lv}"] > 0 for lv in levels), label
+
+
+def test_floor_and_method_bookkeeping(retinanet_rows):
+    floor, student = retinanet_rows[overhead.FLOOR], retinanet_rows[overhead.STUDENT]
+    assert floor["vs_floor"] == pytest.approx(1.0)
+    assert floor["machinery_over_floor_percent"] == pytest.approx(0.0)
+    assert 0 < student["matmul_gflop"] < floor["matmul_gflop"]  # the teacher forward adds work
+    for label, row in retinanet_rows.items():
+        if label not in (overhead.STUDENT, overhead.FLOOR):
+            assert row["matmul_flop_over_floor_percent"] > 0, label
