@@ -26,18 +26,9 @@ def add_distill_config(cfg):
     # Extra KEY VALUE overrides for the teacher config, e.g. ["MODEL.RETINANET.NUM_CLASSES", 6].
     _C.MODEL.DISTILL.TEACHER.OPTS = []
 
-    # Distillation-decay schedule: factor f(iter) multiplying every distillation loss.
-    _C.MODEL.DISTILL.DECAY = CN()
-    # One of "none" (f = 1), "linear", "cosine", "step", "exp".
-    _C.MODEL.DISTILL.DECAY.TYPE = "none"
-    # Decay runs from START_ITER (f = 1) to END_ITER (f = FINAL_FACTOR); END_ITER < 0 means
-    # SOLVER.MAX_ITER. "step" jumps from 1 to FINAL_FACTOR at END_ITER; "exp" interpolates
-    # geometrically (FINAL_FACTOR must be > 0).
-    _C.MODEL.DISTILL.DECAY.START_ITER = 0
-    _C.MODEL.DISTILL.DECAY.END_ITER = -1
-    _C.MODEL.DISTILL.DECAY.FINAL_FACTOR = 0.0
-    # Linear warm-up of the factor from 0 over the first WARMUP_ITERS iterations (0 = off).
-    _C.MODEL.DISTILL.DECAY.WARMUP_ITERS = 0
+    # Distillation-decay schedule: factor f(iter) multiplying the distillation losses of every
+    # method that does not carry its own schedule (MODEL.DISTILL.<METHOD>.DECAY, below).
+    _C.MODEL.DISTILL.DECAY = decay_node("none")
 
     # CSGR: category semantic + global relation distillation (shared/methods/CSGR.md).
     _C.MODEL.DISTILL.CSGR = CN()
@@ -52,4 +43,23 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.CSGR.ATTENTION = "learned"
     # Criss-cross passes: 1 (the paper) or 2 (CCNet's choice: every pixel sees the whole map).
     _C.MODEL.DISTILL.CSGR.RECURRENCE = 1
+    # CSGR's own schedule; "default" follows MODEL.DISTILL.DECAY (the paper does not decay).
+    _C.MODEL.DISTILL.CSGR.DECAY = decay_node("default")
     return cfg
+
+
+def decay_node(type_: str) -> CN:
+    """A decay-schedule node (``MODEL.DISTILL.DECAY`` or a method's own ``DECAY``)."""
+    node = CN()
+    # One of "none" (f = 1), "linear", "cosine", "step", "exp"; in a method's node also
+    # "default": use MODEL.DISTILL.DECAY for this method.
+    node.TYPE = type_
+    # Decay runs from START_ITER (f = 1) to END_ITER (f = FINAL_FACTOR); END_ITER < 0 means
+    # SOLVER.MAX_ITER. "step" jumps from 1 to FINAL_FACTOR at END_ITER; "exp" interpolates
+    # geometrically (FINAL_FACTOR must be > 0).
+    node.START_ITER = 0
+    node.END_ITER = -1
+    node.FINAL_FACTOR = 0.0
+    # Linear warm-up of the factor from 0 over the first WARMUP_ITERS iterations (0 = off).
+    node.WARMUP_ITERS = 0
+    return node
