@@ -2,7 +2,8 @@
 import math
 
 from detectron2.engine import HookBase
-from torch.nn.parallel import DistributedDataParallel
+
+from .utils import unwrap_model
 
 DECAY_TYPES = ("none", "linear", "cosine", "step", "exp")
 
@@ -62,16 +63,17 @@ class DistillDecay:
 class DistillDecayHook(HookBase):
     """Before each step: set the student's ``distill_factor`` and log ``distill/factor``.
 
-    The factor is a pure function of the iteration, so ``--resume`` continues the schedule exactly.
+    The factor is a function of the iteration and the config only (no state of its own), so a run
+    resumed at iteration ``i`` applies ``schedule(i)``, ``schedule(i + 1)``, ... as the
+    uninterrupted run would with the same config (``END_ITER -1`` follows ``SOLVER.MAX_ITER``, so
+    resuming with another ``MAX_ITER`` stretches the schedule).
     """
 
     def __init__(self, schedule: DistillDecay):
         self.schedule = schedule
 
     def before_step(self):
-        model = self.trainer.model
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
+        model = unwrap_model(self.trainer.model)
         factor = self.schedule(self.trainer.iter)
         model.distill_factor = factor
         self.trainer.storage.put_scalar("distill/factor", factor, smoothing_hint=False)
