@@ -5,21 +5,32 @@
     tools/train_net.py --config-file configs/CSGR-RetinaNet-R50.yaml --eval-only MODEL.WEIGHTS m.pth
     tools/train_net.py --config-file ... --resume          # continue from OUTPUT_DIR/last_checkpoint
 
-``--eval-only`` builds the student only (no teacher weights are needed) and also writes the
-results to OUTPUT_DIR/eval_results.json.
+Every ``DATASETS.TRAIN``/``DATASETS.TEST`` name is checked (registered, files on disk) before
+anything is trained or evaluated. A distillation run ends with
+``OUTPUT_DIR/model_final_student.{pth,yaml}``, a plain detectron2 checkpoint and config.
+
+``--eval-only`` builds the student with ``MODEL.DISTILL.ENABLED False``: nothing of the teacher is
+read (neither its yaml nor its weights), and the ``distillers.*`` tensors of a training checkpoint
+are dropped with one info line. It also writes the results to ``OUTPUT_DIR/eval_results.json``.
+
+``--resume`` restores the weights (distillers included), optimizer, LR scheduler and iteration, but
+not the data order, random states or RetinaNet's loss-normaliser EMA: the resumed run is not
+bit-identical to an uninterrupted one (see ``DistillTrainer``).
 """
 import json
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import csgr_distill  # noqa: F401  (registers meta-architectures, distillers, datasets)
 from csgr_distill.config import add_distill_config
+from csgr_distill.data.errors import check_datasets
 from csgr_distill.engine import DistillTrainer
+from csgr_distill.export import StudentCheckpointer
 
 
 def setup(args):
@@ -29,14 +40,30 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # this project's own info lines (exports, dropped tensors) on the console and in
+    # OUTPUT_DIR/log.txt, like detectron2's; still propagated, so handlers on the root logger
+    # (pytest's caplog, an application's own logging) see them too
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="csgr_distill",
+                 abbrev_name="csgr").propagate = True
+    return cfg
+
+
+def eval_cfg(cfg):
+    """``cfg`` with distillation off: the student alone, as evaluation needs it."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DISTILL.ENABLED = False
+    cfg.freeze()
     return cfg
 
 
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        cfg = eval_cfg(cfg)
+        check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
         model = DistillTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = DistillTrainer.test(cfg, model)

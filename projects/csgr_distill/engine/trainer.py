@@ -1,61 +1,86 @@
-"""DistillTrainer: DefaultTrainer + teacher attachment, decay schedule, per-dataset evaluators."""
+"""DistillTrainer: DefaultTrainer + dataset check, teacher attachment, decay schedule, full-model
+gradient clipping, plain-student export and per-dataset evaluators."""
 import logging
 import os
 
-import torch
-
-from detectron2.engine import DefaultTrainer, HookBase
+from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.utils import comm
-from torch.nn.parallel import DistributedDataParallel
 
+from ..data.errors import check_datasets
 from ..evaluation import build_evaluator
-from ..export import student_state_dict
+from ..export import write_student
 from .decay import DistillDecay, DistillDecayHook
+from .optimizer import build_optimizer
+from .utils import unwrap_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistillTrainer", "unwrap_model"]
+__all__ = ["DistillTrainer", "unwrap_model", "STUDENT_EXPORT_NAME"]
 
-
-def unwrap_model(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
+#: ``OUTPUT_DIR/<this>.pth`` and ``.yaml``: the plain student a distillation run ends with
+STUDENT_EXPORT_NAME = "model_final_student"
 
 
 class _ExportStudentHook(HookBase):
-    """After training: write ``model_final_student.pth``, which a plain detectron2 config loads."""
+    """When training has completed: write ``model_final_student.pth`` and
+    ``model_final_student.yaml`` (:func:`csgr_distill.export.write_student`), which plain
+    detectron2 loads. Registered before detectron2's ``EvalHook``, so a failing final evaluation
+    does not lose them; a run that stopped with an error writes nothing."""
 
     def after_train(self):
-        if not comm.is_main_process() or self.trainer.iter + 1 < self.trainer.max_iter:
+        # TrainerBase.train leaves iter == max_iter only after the last step has completed
+        if not comm.is_main_process() or self.trainer.iter < self.trainer.max_iter:
             return
-        model = unwrap_model(self.trainer.model)
-        path = os.path.join(self.trainer.cfg.OUTPUT_DIR, "model_final_student.pth")
-        torch.save({"model": student_state_dict(model.state_dict())}, path)
-        logger.info("Wrote the plain student checkpoint %s", path)
+        path = os.path.join(self.trainer.cfg.OUTPUT_DIR, STUDENT_EXPORT_NAME + ".pth")
+        write_student(unwrap_model(self.trainer.model).state_dict(), path, self.trainer.cfg)
 
 
 class DistillTrainer(DefaultTrainer):
     """Trains teachers, baseline students and distilled students alike.
 
+    * before anything is built, checks that every ``DATASETS.TRAIN`` and ``DATASETS.TEST`` name is
+      registered and on disk (:func:`csgr_distill.data.errors.check_datasets`), so a missing test
+      set fails before the first iteration, not at the final evaluation;
     * builds and attaches the teacher (strict load) before the first step when
       ``MODEL.DISTILL.ENABLED``;
     * applies ``MODEL.DISTILL.DECAY`` before every step and logs ``distill/factor``; every
       distillation loss is part of the loss dict, so it reaches EventStorage (TensorBoard,
       metrics.json) like the detection losses;
-    * distiller parameters are part of the model, so checkpoints and ``--resume`` keep them.
+    * the optimizer is detectron2's, with ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"`` added
+      (:mod:`csgr_distill.engine.optimizer`);
+    * a distillation run that completes writes ``model_final_student.{pth,yaml}`` (plain
+      detectron2 weights and config) before the final evaluation.
+
+    ``--resume`` (``resume_or_load(resume=True)``) restores what detectron2's checkpoint holds:
+    the model weights, distiller parameters included (they are part of the model), the optimizer
+    state (SGD momentum), the LR scheduler and the iteration; the decay factor is recomputed from
+    the iteration (:class:`DistillDecayHook`) and the teacher is loaded again from
+    ``MODEL.DISTILL.TEACHER.WEIGHTS`` (it is never in checkpoints). Not restored, so a resumed run
+    is *not* bit-identical to an uninterrupted one: the data order (detectron2's
+    ``TrainingSampler`` restarts its seeded stream, so other batches follow), the random-number
+    states (augmentations), RetinaNet's loss-normaliser EMA (a plain attribute, back at its
+    initial 100), and EventStorage's metric history and smoothing windows.
     """
 
     def __init__(self, cfg):
+        check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+        check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
         super().__init__(cfg)
         student = unwrap_model(self.model)
         if getattr(student, "distill_enabled", False):
             student.attach_teacher()
 
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
     def build_hooks(self):
-        hooks = super().build_hooks()
+        ret = super().build_hooks()
         if self.cfg.MODEL.DISTILL.ENABLED:
-            hooks.insert(0, DistillDecayHook(DistillDecay.from_config(self.cfg)))
-            hooks.append(_ExportStudentHook())
-        return hooks
+            ret.insert(0, DistillDecayHook(DistillDecay.from_config(self.cfg)))
+            evals = [i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)]
+            ret.insert(evals[0] if evals else len(ret), _ExportStudentHook())
+        return ret
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -1,0 +1,81 @@
+"""The trainer's optimizer: detectron2's, plus ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"``.
+
+detectron2 clips gradients per parameter (``"value"``: each element to ``[-CLIP_VALUE,
+CLIP_VALUE]``; ``"norm"``: each parameter tensor's own norm to ``CLIP_VALUE``). A broken loss
+weight then still moves every parameter by up to ``lr * CLIP_VALUE`` per step and the run trains to
+the end. ``"full_model"`` is the clipping of FGD / mmdetection's ``grad_clip=dict(max_norm=35,
+norm_type=2)``: the gradients of *all* parameters form one vector ``g`` with
+``total = ||g||_NORM_TYPE``; when ``total > CLIP_VALUE`` every gradient is multiplied by
+``CLIP_VALUE / total`` (``torch.nn.utils.clip_grad_norm_``), so the update keeps its direction and
+its total size is bounded.
+"""
+import itertools
+from typing import Type, Union
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.solver import build_optimizer as build_detectron2_optimizer
+
+__all__ = ["CLIP_TYPES", "build_optimizer", "add_full_model_gradient_clipping"]
+
+#: the accepted ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE`` values (the first two are detectron2's)
+CLIP_TYPES = ("value", "norm", "full_model")
+
+
+def add_full_model_gradient_clipping(
+    optimizer: Union[torch.optim.Optimizer, Type[torch.optim.Optimizer]],
+    max_norm: float,
+    norm_type: float = 2.0,
+):
+    """Make ``optimizer.step()`` first clip the norm of all its parameters' gradients together.
+
+    Mirrors detectron2's ``maybe_add_gradient_clipping``: given an optimizer *class*, returns a
+    subclass; given an *instance*, switches its class to that subclass and returns it (its state
+    and param groups are untouched, so checkpoints load either way).
+
+    Before each step the gradients of every parameter in every param group (those with
+    ``grad is None`` are skipped) are treated as one vector; if its ``norm_type``-norm exceeds
+    ``max_norm`` they are all scaled by ``max_norm / total_norm``.
+    """
+    if max_norm <= 0:
+        raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_VALUE must be > 0 for CLIP_TYPE "
+                         f"'full_model' (the largest total gradient norm), got {max_norm}")
+    base = type(optimizer) if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+    if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
+        raise TypeError(f"expected a torch.optim.Optimizer (class or instance), got {optimizer!r}")
+    max_norm, norm_type = float(max_norm), float(norm_type)
+
+    def step(self, closure=None):
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+        return base.step(self, closure)
+
+    clipped = type(base.__name__ + "WithFullModelGradientClip", (base,), {"step": step})
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer.__class__ = clipped
+        return optimizer
+    return clipped
+
+
+def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """detectron2's ``build_optimizer`` (SGD, its param groups and lr factors), with
+    ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE`` one of :data:`CLIP_TYPES`.
+
+    ``"value"`` and ``"norm"`` are left to detectron2 unchanged. For ``"full_model"`` detectron2
+    builds the optimizer with its own clipping off and :func:`add_full_model_gradient_clipping`
+    adds the global clipping (``CLIP_VALUE`` = max norm, ``NORM_TYPE`` = p).
+    """
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if not clip.ENABLED:
+        return build_detectron2_optimizer(cfg, model)
+    if clip.CLIP_TYPE not in CLIP_TYPES:
+        raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of {CLIP_TYPES}, got "
+                         f"{clip.CLIP_TYPE!r} ('full_model' clips the norm of all gradients "
+                         "together, 'norm' each parameter's own)")
+    if clip.CLIP_TYPE != "full_model":
+        return build_detectron2_optimizer(cfg, model)
+    plain = cfg.clone()
+    plain.defrost()
+    plain.SOLVER.CLIP_GRADIENTS.ENABLED = False
+    optimizer = build_detectron2_optimizer(plain, model)
+    return add_full_model_gradient_clipping(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
