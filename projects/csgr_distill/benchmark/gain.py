@@ -4,9 +4,26 @@ same iterations over several seeds; AP mean +- std, gain over the baseline, shar
 teacher-student gap closed, AP-vs-iteration curves.
 
 Every run is a call of ``tools/train_net.py`` (the user's path), with the demo configs
-(``configs/demo/``: wide R18 teacher, R18 student, 128 px images). Finished runs are kept
-(``<output>/runs/<method>/seed<k>/final.json``) so an interrupted benchmark continues.
+(``configs/demo/``: wide R18 teacher, R18 student, 128 px images).
+
+Cache. Finished runs are kept in the work folder, so an interrupted benchmark continues, and are
+reused only when everything that defines them is unchanged. Each run has a *key material* (a
+JSON-able dict: what defines the run, see :func:`student_material` and :func:`train_teacher`) and
+a *key*, the first 12 hex digits of its sha1 (:func:`cache_key`); the key is part of the folder:
+
+* ``<work>/teacher-<key>/``       the trained teacher (``model_final.pth``, ``final.json``)
+* ``<work>/teacher_eval-<key>/``  its evaluation (``final.json``)
+* ``<work>/runs/<label>/seed<k>-<key>/``  one student run (``final.json``)
+
+``final.json`` is ``{"key": str, "key_material": dict, "result": dict}``; a folder is reused only
+if its ``final.json`` holds the same material. Folders of the old layout (no key) are never read.
+A student is keyed by its iterations, seed, eval points, overrides, merged config, the teacher
+(sha1 of the weights file, teacher config, teacher iterations; none when distillation is off: the
+baseline never builds the teacher), the code (:func:`code_version`) and the torch/detectron2
+versions. Every result says whether it came from the cache (``"cached": true``), and so do the
+progress lines and the markdown (a "cached runs" footnote and the teacher line).
 """
+import hashlib
 import json
 import os
 import shlex
@@ -118,43 +135,213 @@ def _schedule(iters: Optional[int]) -> List:
     return ["SOLVER.MAX_ITER", iters, "SOLVER.STEPS", f"({int(iters * .8)},{int(iters * .95)})"]
 
 
-def train_teacher(out: str, iters: Optional[int], weights: Optional[str]) -> Tuple[str, dict]:
-    """The teacher's weights (trained here unless given or already there) and its AP."""
+# ----------------------------------------------------------------------------------------------
+# cache keys
+
+
+#: what the training code is: the package minus the parts training never imports, plus the script
+CODE_DIRS = ("projects/csgr_distill",)
+CODE_EXCLUDE = ("projects/csgr_distill/benchmark", "projects/csgr_distill/vis")
+CODE_FILES = ("tools/train_net.py",)
+
+
+def file_sha1(path: str) -> str:
+    """sha1 hex digest (40 chars) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    """sha1 hex digest of the training code: every ``*.py`` under ``projects/csgr_distill`` except
+    ``benchmark/`` and ``vis/``, plus ``tools/train_net.py``. Each file adds its path relative to
+    the repository root and its bytes, in sorted path order, so the digest does not depend on
+    where the clone lives, and any edit of a source training imports changes it."""
+    paths = list(CODE_FILES)
+    for top in CODE_DIRS:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(REPO_ROOT, top)):
+            rel_dir = os.path.relpath(dirpath, REPO_ROOT)
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"
+                           and os.path.join(rel_dir, d) not in CODE_EXCLUDE]
+            paths += [os.path.join(rel_dir, n) for n in filenames if n.endswith(".py")]
+    h = hashlib.sha1()
+    for rel in sorted(paths):
+        h.update(rel.encode() + b"\0")
+        with open(os.path.join(REPO_ROOT, rel), "rb") as f:
+            h.update(f.read() + b"\0")
+    return h.hexdigest()
+
+
+def libraries() -> Dict[str, str]:
+    """Versions of the libraries training runs on ({"torch": ..., "detectron2": ...})."""
+    import detectron2
+    import torch
+
+    return {"torch": torch.__version__, "detectron2": detectron2.__version__}
+
+
+def cache_key(material: dict) -> str:
+    """12 hex digits of the sha1 of ``material`` as canonical JSON (sorted keys)."""
+    return hashlib.sha1(_canonical(material).encode()).hexdigest()[:12]
+
+
+def _canonical(material: dict) -> str:
+    return json.dumps(material, sort_keys=True, separators=(",", ":"))
+
+
+def _config_text(cfg) -> str:
+    """A merged CfgNode as YAML text (``cfg.dump()``, keys sorted) with ``OUTPUT_DIR`` and the
+    teacher's weights path blanked: they only name cache folders (the weights are keyed by the
+    sha1 of their bytes instead)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = ""
+    cfg.MODEL.DISTILL.TEACHER.WEIGHTS = ""
+    return cfg.dump()
+
+
+def _load_cached(rdir: str, material: dict) -> Optional[dict]:
+    """The result stored in ``<rdir>/final.json`` if it was made with exactly ``material``, else
+    None (missing, unreadable, or another material)."""
+    try:
+        with open(os.path.join(rdir, "final.json")) as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or "key_material" not in stored:
+        return None
+    if _canonical(stored["key_material"]) != _canonical(material):
+        return None
+    return stored["result"]
+
+
+def _store(rdir: str, material: dict, result: dict) -> None:
+    """Write ``<rdir>/final.json`` = {"key", "key_material", "result"} (atomically)."""
+    os.makedirs(rdir, exist_ok=True)
+    tmp = os.path.join(rdir, "final.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"key": cache_key(material), "key_material": material, "result": result}, f,
+                  indent=1)
+    os.replace(tmp, os.path.join(rdir, "final.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+# runs
+
+
+def teacher_cfg(opts: List):
+    """The teacher's config as ``train_net.py`` reads it with ``opts``."""
+    from detectron2.config import get_cfg
+
+    from ..config import add_distill_config
+
+    cfg = add_distill_config(get_cfg())
+    cfg.merge_from_file(os.path.join(REPO_ROOT, TEACHER_CFG))
+    cfg.merge_from_list(_opts_str(opts))
+    return cfg
+
+
+def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: str) -> dict:
+    """The teacher: trained here (``iters``, None: its config's) unless ``weights`` are given, and
+    evaluated; both steps are cached under keys (module docstring).
+
+    Returns {"AP", "AP50", "AP75": float, "weights": path, "weights_sha1": str, "iters": int or
+    None (given weights), "given": bool, "cached": bool (nothing was trained or evaluated now),
+    "train_cached": bool or None (given), "eval_cached": bool, "train_key", "eval_key": str}.
+    """
+    info = {"given": bool(weights), "train_cached": None, "train_key": None, "iters": None}
     if not weights:
-        tdir = os.path.join(out, "teacher")
+        opts = ["DATASETS.TEST", "()"] + _schedule(iters)
+        cfg = teacher_cfg(opts)
+        material = {"run": "teacher", "iters": int(cfg.SOLVER.MAX_ITER),
+                    "overrides": _opts_str(opts), "config": _config_text(cfg), "code": code,
+                    "libraries": libraries()}
+        tdir = os.path.join(out, f"teacher-{cache_key(material)}")
         weights = os.path.join(tdir, "model_final.pth")
-        if not os.path.isfile(weights):
-            opts = ["OUTPUT_DIR", tdir, "DATASETS.TEST", "()"] + _schedule(iters)
-            _train_net(["--config-file", TEACHER_CFG] + opts, os.path.join(tdir, "train.log"))
-    eval_dir = os.path.join(out, "teacher_eval")
-    result = os.path.join(eval_dir, "eval_results.json")
-    if not os.path.isfile(result):
-        _train_net(["--config-file", TEACHER_CFG, "--eval-only", "MODEL.WEIGHTS", weights,
-                    "OUTPUT_DIR", eval_dir], os.path.join(eval_dir, "eval.log"))
-    with open(result) as f:
-        bbox = json.load(f)["bbox"]
-    return weights, {m: bbox[m] for m in METRICS}
+        done = _load_cached(tdir, material) is not None and os.path.isfile(weights)
+        if not done:
+            _train_net(["--config-file", TEACHER_CFG] + opts + ["OUTPUT_DIR", tdir],
+                       os.path.join(tdir, "train.log"))
+            _store(tdir, material, {"weights": "model_final.pth"})
+        info.update(train_cached=done, train_key=cache_key(material), iters=material["iters"])
+    sha1 = file_sha1(weights)
+    opts = ["MODEL.WEIGHTS", weights]
+    material = {"run": "teacher eval", "weights_sha1": sha1,
+                "config": _config_text(teacher_cfg([])), "code": code, "libraries": libraries()}
+    eval_dir = os.path.join(out, f"teacher_eval-{cache_key(material)}")
+    metrics = _load_cached(eval_dir, material)
+    info["eval_cached"] = metrics is not None
+    if metrics is None:
+        _train_net(["--config-file", TEACHER_CFG, "--eval-only"] + opts + ["OUTPUT_DIR", eval_dir],
+                   os.path.join(eval_dir, "eval.log"))
+        with open(os.path.join(eval_dir, "eval_results.json")) as f:
+            bbox = json.load(f)["bbox"]
+        metrics = {m: bbox[m] for m in METRICS}
+        _store(eval_dir, material, metrics)
+    info.update(metrics, weights=weights, weights_sha1=sha1, eval_key=cache_key(material),
+                cached=info["eval_cached"] and info["train_cached"] is not False)
+    return info
 
 
-def run_student(out: str, label: str, opts: List, seed: int, teacher_weights: str,
-                iters: Optional[int], default_iters: int, eval_points: int) -> dict:
-    """One student run of ``iters`` (None: the config's ``default_iters``) iterations; returns
-    {"final": {...}, "curve": [...]} (cached in final.json)."""
-    folder = label.replace(" ", "_").replace("+", "_").replace("/", "_")
-    rdir = os.path.join(out, "runs", folder, f"seed{seed}")
-    final_json = os.path.join(rdir, "final.json")
-    if os.path.isfile(final_json):
-        with open(final_json) as f:
-            return json.load(f)
-    args = ["--config-file", STUDENT_CFG, "SEED", seed, "OUTPUT_DIR", rdir,
-            "TEST.EVAL_PERIOD", max(1, (iters or default_iters) // eval_points),
-            "MODEL.DISTILL.TEACHER.WEIGHTS", teacher_weights] + _schedule(iters) + _opts_str(opts)
-    _train_net(args, os.path.join(rdir, "train.log"))
+def student_material(base_cfg, run_opts: List, opts: List, seed: int, iters: int,
+                     eval_points: int, teacher: dict, code: str) -> dict:
+    """What defines one student run, as a JSON-able dict: {"run": "student", "iters", "seed",
+    "eval_points", "overrides" (the run's own, as strings), "config" (the merged student config
+    as YAML text, :func:`_config_text`), "teacher", "code", "libraries"}.
+
+    ``run_opts`` are all overrides given to ``train_net.py`` besides OUTPUT_DIR (seed, schedule,
+    eval period, teacher weights, then ``opts``). ``teacher`` is None when the merged config has
+    distillation off (the student then never builds the teacher), else {"weights_sha1",
+    "iters" (None: given weights), "config" (the teacher config as the student builds it, from
+    MODEL.DISTILL.TEACHER.CONFIG and .OPTS, as YAML text)}.
+    """
+    from ..teacher import build_teacher_cfg
+
+    cfg = base_cfg.clone()
+    cfg.merge_from_list(_opts_str(run_opts))
+    used_teacher = None
+    if cfg.MODEL.DISTILL.ENABLED:
+        keyed = cfg.clone()
+        keyed.MODEL.DISTILL.TEACHER.WEIGHTS = ""  # -> the teacher yaml's own MODEL.WEIGHTS
+        used_teacher = {"weights_sha1": teacher["weights_sha1"], "iters": teacher["iters"],
+                        "config": _config_text(build_teacher_cfg(keyed))}
+    return {"run": "student", "iters": iters, "seed": seed, "eval_points": eval_points,
+            "overrides": _opts_str(opts), "config": _config_text(cfg), "teacher": used_teacher,
+            "code": code, "libraries": libraries()}
+
+
+def _folder(label: str) -> str:
+    return label.replace(" ", "_").replace("+", "_").replace("/", "_")
+
+
+def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iters: int,
+                eval_points: int, code: str, base_cfg=None) -> dict:
+    """One student run of ``iters`` iterations under the ``teacher`` of :func:`train_teacher`,
+    from the cache (``<out>/runs/<label>/seed<seed>-<key>/final.json``) when its key material
+    matches, else trained now.
+
+    Returns {"final": {AP, AP50, AP75}, "curve": [(iteration, {AP, AP50, AP75}), ...], "seed",
+    "label", "iters", "key": str, "cached": bool}.
+    """
+    base_cfg = base_cfg if base_cfg is not None else student_cfg()
+    run_opts = (["SEED", seed, "TEST.EVAL_PERIOD", max(1, iters // eval_points),
+                 "MODEL.DISTILL.TEACHER.WEIGHTS", teacher["weights"]] + _schedule(iters)
+                + _opts_str(opts))
+    material = student_material(base_cfg, run_opts, opts, seed, iters, eval_points, teacher, code)
+    key = cache_key(material)
+    rdir = os.path.join(out, "runs", _folder(label), f"seed{seed}-{key}")
+    result = _load_cached(rdir, material)
+    if result is not None:
+        return dict(result, cached=True)
+    _train_net(["--config-file", STUDENT_CFG] + _opts_str(run_opts) + ["OUTPUT_DIR", rdir],
+               os.path.join(rdir, "train.log"))
     curve = _read_curve(os.path.join(rdir, "metrics.json"))
-    result = {"final": curve[-1][1], "curve": curve, "seed": seed, "label": label}
-    with open(final_json, "w") as f:
-        json.dump(result, f)
-    return result
+    result = {"final": curve[-1][1], "curve": curve, "seed": seed, "label": label,
+              "iters": iters, "key": key}
+    _store(rdir, material, result)
+    return dict(result, cached=False)
 
 
 def _mean_std(xs: List[float]) -> Tuple[float, float]:
@@ -215,29 +402,59 @@ def plot(out_dir: str, teacher: dict, rows: List[dict], runs: Dict[str, List[dic
     plt.close(fig)
 
 
+def cached_note(runs: Dict[str, List[dict]]) -> str:
+    """One markdown line naming the runs read from the cache, e.g. ``cached runs: CSGR seeds 0,1
+    (trained in an earlier invocation with the same key)``, or saying that none were."""
+    parts = [f"{label} seeds {','.join(str(r['seed']) for r in rs if r['cached'])}"
+             for label, rs in runs.items() if any(r["cached"] for r in rs)]
+    if not parts:
+        return "cached runs: none (every student run was trained in this invocation)"
+    return ("cached runs: " + "; ".join(parts) + " (trained in an earlier invocation with the "
+            "same key: iterations, seed, eval points, overrides, merged config, teacher, code)")
+
+
+def teacher_note(teacher: dict) -> str:
+    """How the teacher was obtained, e.g. ``trained 2000 iterations (cached)``."""
+    if teacher["given"]:
+        how = f"given ({os.path.basename(teacher['weights'])}, sha1 {teacher['weights_sha1'][:12]})"
+    else:
+        how = f"trained {teacher['iters']} iterations"
+        how += " (cached)" if teacher["train_cached"] else " (in this invocation)"
+    return how + ", evaluation " + ("cached" if teacher["eval_cached"] else "run now")
+
+
 def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None,
         teacher_iters: Optional[int] = None, teacher_weights: Optional[str] = None,
         methods: Optional[List[str]] = None, variants: Optional[Dict[str, List]] = None,
         eval_points: int = 3, command: str = "", progress=print) -> dict:
+    """Train (or read from the cache) the teacher and every planned student run, write
+    ``gain.json``/``gain.md`` and the plots to ``out_dir``; returns the payload {"machine",
+    "setting", "teacher" (:func:`train_teacher`), "rows" (:func:`summarize`), "runs" (label ->
+    [:func:`run_student` result per seed])}."""
     plan = method_runs(methods, variants)
     check_overrides(plan)
+    work_dir = os.path.abspath(work_dir)
+    code = code_version()
     progress(f"[gain] teacher ({TEACHER_CFG})")
-    weights, teacher = train_teacher(work_dir, teacher_iters, teacher_weights)
-    progress(f"[gain] teacher AP {teacher['AP']:.2f}")
-    default_iters = student_cfg().SOLVER.MAX_ITER
+    teacher = train_teacher(work_dir, teacher_iters, teacher_weights, code)
+    progress(f"[gain] teacher AP {teacher['AP']:.2f}" + (" (cached)" if teacher["cached"] else "")
+             + f": {teacher_note(teacher)}")
+    base = student_cfg()
+    iters = iters or int(base.SOLVER.MAX_ITER)
     runs: Dict[str, List[dict]] = {label: [] for label in plan}
     for seed in range(seeds):
         for label, opts in plan.items():
-            r = run_student(work_dir, label, opts, seed, weights, iters, default_iters,
-                            eval_points)
+            r = run_student(work_dir, label, opts, seed, teacher, iters, eval_points, code, base)
             runs[label].append(r)
-            progress(f"[gain] seed {seed} {label}: AP {r['final']['AP']:.2f}")
+            progress(f"[gain] seed {seed} {label}: AP {r['final']['AP']:.2f}"
+                     + (" (cached)" if r["cached"] else ""))
     rows = summarize(teacher, runs)
     info = machine_info("cpu")
     setting = (f"shapes_train -> shapes_val; teacher RetinaNet R18-FPN wide ({TEACHER_CFG}), students "
-               f"RetinaNet R18-FPN ({STUDENT_CFG}) trained {iters or default_iters} iterations each, "
+               f"RetinaNet R18-FPN ({STUDENT_CFG}) trained {iters} iterations each, "
                f"seeds 0..{seeds - 1}; teacher AP {teacher['AP']:.2f} / AP50 "
-               f"{teacher['AP50']:.2f} / AP75 {teacher['AP75']:.2f}")
+               f"{teacher['AP50']:.2f} / AP75 {teacher['AP75']:.2f} "
+               f"(teacher {teacher_note(teacher)})")
     table = markdown_table(
         ["method", "AP", "AP50", "AP75", "gain AP", "gap closed (%)", "gain > 2 std"],
         [[r["method"], f"{r['AP']:.2f} ± {r['AP_std']:.2f}", f"{r['AP50']:.2f} ± {r['AP50_std']:.2f}",
@@ -245,6 +462,7 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
           f"{r['gap_closed_percent']:.0f}", "yes" if r["gain_over_2std"] else "no"]
          for r in rows])
     md = (header_lines("gain (shapes)", info, command) + "\n" + setting + "\n\n" + table
+          + "\n\n" + cached_note(runs)
           + "\n\n![AP per method](gain_ap.png) ![AP vs iteration](gain_curves.png)")
     payload = {"machine": info, "setting": setting, "teacher": teacher, "rows": rows,
                "runs": runs}
