@@ -12,7 +12,7 @@ from detectron2.modeling.backbone.fpn import build_retinanet_resnet_fpn_backbone
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from csgr_distill.distillers import DISTILLER_REGISTRY, register_distiller
+
 from csgr_distill.layers import channel_standardize
 from csgr_distill.records import DenseRecorder, RCNNRecorder, recorder_for
 from tiny import base_cfg, fake_batch, rcnn_base_cfg, write_model
@@ -278,3 +278,51 @@ def test_two_process_ddp_step_keeps_distillers_in_sync(tmp_path):
     assert a and set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a), "DDP must average the distillers' gradients"
     assert any(not torch.equal(a[k], fresh[k]) for k in a if a[k].is_floating_point())
+
+
+# ---- per-method decay: a decaying method and a constant one combine -------------------------
+class _ConstProbe(nn.Module):
+    """A test distiller (not registered: the benchmarks cover every registered one): one loss
+    equal to its parameter (1.0), whatever the inputs."""
+
+    required_outputs = ("features",)
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, student, teacher, gt_instances):
+        return {"loss_probe": self.w * 1.0}
+
+
+def test_each_method_gets_its_own_decay_factor(tmp_path):
+    from types import SimpleNamespace
+
+    from csgr_distill.engine.decay import DistillDecayHook, method_schedules
+
+    tyaml, tw, _ = write_model(tmp_path, base_cfg(tmp_path / "t", fpn_channels=32), "t")
+    cfg = _distill(base_cfg(tmp_path / "s"), tyaml, tw)
+    cfg.SOLVER.MAX_ITER = 10
+    cfg.MODEL.DISTILL.DECAY.TYPE = "none"             # the default: constant
+    cfg.MODEL.DISTILL.CSGR.DECAY.TYPE = "linear"      # CSGR carries its own: 1 - it / 10
+    assert set(method_schedules(cfg)) == {"CSGR"}
+    model = build_model(cfg)
+    model.distillers["ConstProbe"] = _ConstProbe()  # a second method, on the default schedule
+    model.attach_teacher()
+    hook = DistillDecayHook.from_config(cfg)
+    with EventStorage(4) as storage:
+        hook.trainer = SimpleNamespace(model=model, iter=4, storage=storage)
+        hook.before_step()
+        assert model.distill_factor == 1.0 and model.distill_factors == {"CSGR": pytest.approx(0.6)}
+        assert storage.latest()["distill/factor_CSGR"][0] == pytest.approx(0.6)
+        torch.manual_seed(0)
+        decayed = model.train()(fake_batch(2))
+        model.distill_factors = {}
+        torch.manual_seed(0)
+        full = model(fake_batch(2))
+    assert decayed["loss_probe"].item() == full["loss_probe"].item() == 1.0
+    for k in ("loss_csgr_cs_p3", "loss_csgr_gr_p5"):
+        assert decayed[k].item() == pytest.approx(0.6 * full[k].item(), rel=1e-5)
+    cfg.MODEL.DISTILL.CSGR.DECAY.TYPE = "linaer"
+    with pytest.raises(ValueError, match=r"MODEL\.DISTILL\.CSGR\.DECAY\.TYPE"):
+        method_schedules(cfg)

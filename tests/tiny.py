@@ -108,6 +108,8 @@ def rcnn_base_cfg(output_dir, fpn_channels=16):
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 64
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16], [32], [64], [128]]
     cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[1.0]]
+    cfg.DATASETS.TRAIN = (TINY_TRAIN,)  # the model-zoo base names COCO
+    cfg.DATASETS.TEST = (TINY_VAL,)
     return cfg
 
 

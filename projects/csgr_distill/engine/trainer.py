@@ -9,7 +9,7 @@ from detectron2.utils import comm
 from ..data.errors import check_datasets
 from ..evaluation import build_evaluator
 from ..export import write_student
-from .decay import DistillDecay, DistillDecayHook
+from .decay import DistillDecayHook
 from .optimizer import build_optimizer
 from .utils import unwrap_model
 
@@ -77,7 +77,7 @@ class DistillTrainer(DefaultTrainer):
     def build_hooks(self):
         ret = super().build_hooks()
         if self.cfg.MODEL.DISTILL.ENABLED:
-            ret.insert(0, DistillDecayHook(DistillDecay.from_config(self.cfg)))
+            ret.insert(0, DistillDecayHook.from_config(self.cfg))
             evals = [i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)]
             ret.insert(evals[0] if evals else len(ret), _ExportStudentHook())
         return ret
