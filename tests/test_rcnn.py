@@ -1,30 +1,14 @@
 """DistillGeneralizedRCNN: CSGR on a Faster R-CNN FPN student (p2-p5), teacher kept apart."""
 import pytest
 import torch
-from detectron2 import model_zoo
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from csgr_distill.config import add_distill_config
-from tiny import fake_batch
+from tiny import fake_batch, rcnn_base_cfg
 
 
 def rcnn_cfg(fpn_channels):
-    cfg = add_distill_config(get_cfg())
-    cfg.merge_from_file(model_zoo.get_config_file("Base-RCNN-FPN.yaml"))
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.NORM = "BN"
-    cfg.MODEL.FPN.OUT_CHANNELS = fpn_channels
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 8
-    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 32
-    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 32
-    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 64
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16], [32], [64], [128]]
-    return cfg
+    return rcnn_base_cfg("unused", fpn_channels)
 
 
 @pytest.fixture

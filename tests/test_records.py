@@ -12,7 +12,6 @@ from detectron2.modeling.backbone.fpn import build_retinanet_resnet_fpn_backbone
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-
 from csgr_distill.layers import channel_standardize
 from csgr_distill.records import DenseRecorder, RCNNRecorder, recorder_for
 from tiny import base_cfg, fake_batch, rcnn_base_cfg, write_model
