@@ -1,5 +1,22 @@
-"""``add_distill_config(cfg)``: every ``MODEL.DISTILL.*`` key, documented where it is defined."""
+"""``add_distill_config(cfg)``: every ``MODEL.DISTILL.*`` key, documented where it is defined,
+plus the project's data and schedule keys (``DATASETS.REGISTER``, ``INPUT.FIXED_SIZE``, steps as
+fractions of ``SOLVER.MAX_ITER``) and the functions that apply them:
+
+* :func:`merge_command_line` -- ``cfg.merge_from_list(opts)`` with a clear error for the common
+  ``MODEL.DISTILL.TEACHER.OPTS KEY VALUE`` mistake;
+* :func:`apply_derived_keys` -- ``INPUT.FIXED_SIZE`` and fractional ``SOLVER.STEPS`` into the keys
+  detectron2 reads (call it after every merge, before ``cfg.freeze()``).
+"""
+import ast
+import logging
+from typing import List, Optional, Sequence
+
 from detectron2.config import CfgNode as CN
+
+logger = logging.getLogger(__name__)
+
+#: the command-line key whose value is itself a KEY VALUE list
+TEACHER_OPTS_KEY = "MODEL.DISTILL.TEACHER.OPTS"
 
 
 def add_distill_config(cfg):
@@ -7,6 +24,7 @@ def add_distill_config(cfg):
 
     Safe to call twice. The teacher's config gets the same function applied.
     """
+    add_data_config(cfg)
     if "DISTILL" in cfg.MODEL:
         return cfg
     _C = cfg
@@ -63,3 +81,204 @@ def decay_node(type_: str) -> CN:
     # Linear warm-up of the factor from 0 over the first WARMUP_ITERS iterations (0 = off).
     node.WARMUP_ITERS = 0
     return node
+
+
+def add_data_config(cfg):
+    """Add the project's data and input keys (in place; safe to call twice) and return ``cfg``.
+
+    * ``DATASETS.REGISTER``: the user's own datasets, registered by
+      :func:`csgr_distill.data.register_from_cfg` (entries documented in
+      :mod:`csgr_distill.data.custom` and ``datasets/README.md``);
+    * ``INPUT.FIXED_SIZE``: one key for the input size (:func:`apply_input_size`).
+
+    ``SOLVER.STEPS`` needs no new key: fractions of ``MAX_ITER`` are accepted there
+    (:func:`scale_schedule`).
+    """
+    if "REGISTER" not in cfg.DATASETS:
+        # The user's datasets, one entry each (lists of strings), registered before training:
+        #   [NAME, "coco", JSON_FILE, IMAGE_DIR]
+        #   [NAME, "voc", VOC_ROOT, SPLIT, "class1,class2,..."]   ("" or omitted: the classes are
+        #                                                         read from the split's XMLs)
+        # Relative paths are relative to the working directory; $DETECTRON2_DATASETS is expanded.
+        # e.g. DATASETS.REGISTER "[['mydata_train', 'coco', 'data/train.json', 'data/images']]"
+        cfg.DATASETS.REGISTER = []
+    if "FIXED_SIZE" not in cfg.INPUT:
+        # > 0: train and test at this size: sets INPUT.MIN_SIZE_TRAIN (S,), MAX_SIZE_TRAIN S,
+        # MIN_SIZE_TEST S, MAX_SIZE_TEST S (the longer image side becomes S; square tiles stay
+        # S x S). 0: those four keys as given.
+        cfg.INPUT.FIXED_SIZE = 0
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# derived keys: input size and learning-rate steps
+# ------------------------------------------------------------------------------------------------
+def apply_derived_keys(cfg, check_steps: bool = True):
+    """Apply ``INPUT.FIXED_SIZE`` (:func:`apply_input_size`) and fractional ``SOLVER.STEPS``
+    (:func:`scale_schedule`) to ``cfg`` in place; returns it. Call after every merge (yaml,
+    command line, ``--register-dataset``) and before ``cfg.freeze()``; a second call changes
+    nothing. ``check_steps=False`` skips the steps check (a teacher config that is not trained).
+    """
+    apply_input_size(cfg)
+    scale_schedule(cfg, check=check_steps)
+    return cfg
+
+
+def apply_input_size(cfg):
+    """``INPUT.FIXED_SIZE`` S > 0 sets ``INPUT.MIN_SIZE_TRAIN`` = (S,), ``INPUT.MAX_SIZE_TRAIN`` =
+    S, ``INPUT.MIN_SIZE_TEST`` = S and ``INPUT.MAX_SIZE_TEST`` = S (it wins over the four, which
+    is logged when it changes them). detectron2 then resizes every image so its shorter side is S
+    unless the longer would exceed S: the longer side becomes S, and S x S tiles are not resized.
+    """
+    size = int(cfg.INPUT.get("FIXED_SIZE", 0) or 0)
+    if size < 0:
+        raise ValueError(f"INPUT.FIXED_SIZE is {size}: give the input size in pixels "
+                         "(e.g. INPUT.FIXED_SIZE 512), or 0 to use INPUT.MIN_SIZE_* / MAX_SIZE_*")
+    if size == 0:
+        return cfg
+    new = {"MIN_SIZE_TRAIN": (size,), "MAX_SIZE_TRAIN": size,
+           "MIN_SIZE_TEST": size, "MAX_SIZE_TEST": size}
+    changed = {k: cfg.INPUT[k] for k, v in new.items() if tuple(_as_tuple(cfg.INPUT[k])) != _as_tuple(v)}
+    if changed:
+        logger.info("INPUT.FIXED_SIZE %d sets %s", size,
+                    ", ".join(f"INPUT.{k} {cfg.INPUT[k]} -> {new[k]}" for k in changed))
+    with _unfrozen(cfg):
+        for k, v in new.items():
+            cfg.INPUT[k] = v
+    return cfg
+
+
+def scale_schedule(cfg, check: bool = True):
+    """Make ``SOLVER.STEPS`` follow ``SOLVER.MAX_ITER``.
+
+    Rule (documented in datasets/README.md):
+
+    * steps given as fractions (every value strictly between 0 and 1, e.g. ``(0.8, 0.95)``) are
+      iterations ``floor(f * MAX_ITER)``: with ``MAX_ITER 600``, ``(480, 570)``; with 2000,
+      ``(1600, 1900)``. Steps that fall on iteration 0 or repeat (a tiny ``MAX_ITER``) are dropped.
+    * steps given as iterations (integers >= 1) are kept, and any step at or beyond ``MAX_ITER``
+      is an error naming both keys (detectron2 would ignore it with a warning, so the learning
+      rate never drops where the config says). ``check=False`` skips this check.
+    * mixing fractions and iterations is an error.
+
+    Only the ``WarmupMultiStepLR`` scheduler reads the steps; fractions are converted for any
+    scheduler, the check applies to that one only. Returns ``cfg`` (changed in place).
+    """
+    steps = tuple(cfg.SOLVER.STEPS)
+    max_iter = int(cfg.SOLVER.MAX_ITER)
+    if not steps:
+        return cfg
+    fractions = [0 < float(s) < 1 for s in steps]
+    if any(fractions) and not all(fractions):
+        raise ValueError(
+            f"SOLVER.STEPS {steps} mixes fractions of SOLVER.MAX_ITER (values between 0 and 1) "
+            "with iterations: give all steps one way, e.g. SOLVER.STEPS \"(0.8, 0.95)\" "
+            f"(fractions of MAX_ITER {max_iter}) or SOLVER.STEPS \"({int(0.8 * max_iter)}, "
+            f"{int(0.95 * max_iter)})\" (iterations)")
+    if all(fractions):
+        new = []
+        for f in steps:
+            it = int(float(f) * max_iter + 1e-9)
+            if it >= 1 and (not new or it > new[-1]):
+                new.append(it)
+        if len(new) != len(steps):
+            logger.info("SOLVER.STEPS %s of MAX_ITER %d: iterations %s (steps on iteration 0 or "
+                        "on an earlier step dropped)", steps, max_iter, tuple(new))
+        with _unfrozen(cfg):
+            cfg.SOLVER.STEPS = tuple(new)
+        return cfg
+    bad_type = [s for s in steps if float(s) != int(float(s)) or float(s) < 1]
+    if bad_type:
+        raise ValueError(f"SOLVER.STEPS {steps}: a step is an iteration (an integer >= 1) or a "
+                         "fraction of SOLVER.MAX_ITER between 0 and 1, not {bad_type[0]}")
+    if check and cfg.SOLVER.get("LR_SCHEDULER_NAME", "WarmupMultiStepLR") == "WarmupMultiStepLR":
+        beyond = [int(s) for s in steps if int(s) >= max_iter]
+        if beyond:
+            raise ValueError(
+                f"SOLVER.STEPS {tuple(int(s) for s in steps)} has steps at or beyond "
+                f"SOLVER.MAX_ITER {max_iter} ({', '.join(map(str, beyond))}): the learning rate "
+                "would never drop there. Give the steps as fractions of MAX_ITER, so that they "
+                "follow it, e.g. SOLVER.STEPS \"(0.8, 0.95)\", or as iterations below MAX_ITER, "
+                f"e.g. SOLVER.STEPS \"({int(0.8 * max_iter)}, {int(0.95 * max_iter)})\"")
+    with _unfrozen(cfg):
+        cfg.SOLVER.STEPS = tuple(int(s) for s in steps)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# command-line overrides
+# ------------------------------------------------------------------------------------------------
+def merge_command_line(cfg, opts: Sequence[str]):
+    """``cfg.merge_from_list(opts)`` (the trailing ``KEY VALUE`` pairs of a tool), where a
+    ``MODEL.DISTILL.TEACHER.OPTS`` that is not followed by one list literal is an error showing
+    the exact form, e.g. ``MODEL.DISTILL.TEACHER.OPTS "['MODEL.RETINANET.NUM_CLASSES', 1]"``
+    (yacs would say "Override list has odd length" or "Type mismatch"). Returns ``cfg``."""
+    opts = list(opts or [])
+    for i, token in enumerate(opts):
+        if token != TEACHER_OPTS_KEY:
+            continue
+        value = opts[i + 1] if i + 1 < len(opts) else None
+        parsed = _literal(value) if isinstance(value, str) else value
+        if isinstance(parsed, (list, tuple)) and len(parsed) % 2 == 0:
+            continue
+        raise ValueError(teacher_opts_message(opts[i + 1:], "on the command line"))
+    cfg.merge_from_list(opts)
+    return cfg
+
+
+def check_teacher_opts(opts) -> List:
+    """``MODEL.DISTILL.TEACHER.OPTS`` as a flat ``[KEY, VALUE, ...]`` list; an error showing the
+    exact command-line form when it is not one (a string, or an odd number of items)."""
+    if isinstance(opts, str):
+        raise ValueError(teacher_opts_message(opts.split(), "in the config"))
+    opts = list(opts)
+    if len(opts) % 2 or not all(isinstance(k, str) for k in opts[::2]):
+        raise ValueError(teacher_opts_message(opts, "in the config"))
+    return opts
+
+
+def teacher_opts_message(tokens, where: str) -> str:
+    """The error for a ``MODEL.DISTILL.TEACHER.OPTS`` that is not a list of KEY VALUE pairs:
+    its exact command-line form, built from the tokens that followed it."""
+    tokens = [str(t) for t in tokens]
+    if len(tokens) >= 2 and _looks_like_key(tokens[0]):
+        pair = [tokens[0], _literal(tokens[1])]
+    else:
+        pair = ["MODEL.RETINANET.NUM_CLASSES", 1]
+    form = f'{TEACHER_OPTS_KEY} "{pair!r}"'
+    return (
+        f"{TEACHER_OPTS_KEY} takes one list of KEY VALUE overrides for the teacher's config, "
+        f"quoted as a single argument; {where} it was followed by "
+        f"{' '.join(tokens) if tokens else 'nothing'}. Write: {form} (further teacher keys go "
+        "inside the same brackets: \"['KEY1', VALUE1, 'KEY2', VALUE2]\")"
+    )
+
+
+def _looks_like_key(token: str) -> bool:
+    return "." in token and token.split(".")[0].isupper()
+
+
+def _literal(value: Optional[str]):
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError):
+        return value
+
+
+def _as_tuple(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
+
+
+class _unfrozen:
+    """``with _unfrozen(cfg):`` edits a config whatever its frozen state, restoring it."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def __enter__(self):
+        self.frozen = self.cfg.is_frozen()
+        self.cfg.defrost()
+
+    def __exit__(self, *exc):
+        if self.frozen:
+            self.cfg.freeze()

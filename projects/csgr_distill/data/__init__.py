@@ -6,6 +6,11 @@ Importing this package registers (cheaply: no file is touched until ``DatasetCat
 * ``coco_2017_minitrain``       MiniCOCO, COCO's builtin metadata (val: detectron2's ``coco_2017_val``)
 * ``shapes_{train,val}``        synthetic shapes, generated on first use (the embedded default)
 
+The user's own datasets (COCO json or VOC XML) are named in the config, ``DATASETS.REGISTER``, or
+with a tool's ``--register-dataset``, and registered by :func:`register_from_cfg`
+(:mod:`.custom`); :func:`check_training_data` / :func:`check_num_classes` (:mod:`.checks`) check a
+config's training data before training.
+
 PASCAL VOC uses detectron2's builtin names (``voc_2007_trainval``, ``voc_2007_test``, ...).
 Roots live under ``$DETECTRON2_DATASETS`` (default ``./datasets``), read when registering; the
 layouts are in ``datasets/README.md``.
@@ -15,6 +20,23 @@ from typing import List, Optional
 from detectron2.data import MetadataCatalog
 
 from .errors import DatasetNotFoundError, check_dataset_paths, datasets_root
+from .checks import (
+    DatasetContentError,
+    DatasetFileNotFoundError,
+    check_boxes,
+    check_num_classes,
+    check_training_data,
+    training_class_names,
+)
+from .custom import (
+    DatasetEntry,
+    DatasetEntryError,
+    add_dataset_arguments,
+    apply_dataset_arguments,
+    parse_dataset_argument,
+    parse_register,
+    register_from_cfg,
+)
 from .minicoco import MINICOCO_SPLITS, register_all_minicoco, register_minicoco
 from .shapes import (
     SHAPES_CLASSES,
@@ -37,6 +59,19 @@ from .soda10m import (
 
 __all__ = [
     "DATASET_NAMES",
+    "DatasetContentError",
+    "DatasetEntry",
+    "DatasetEntryError",
+    "DatasetFileNotFoundError",
+    "add_dataset_arguments",
+    "apply_dataset_arguments",
+    "check_boxes",
+    "check_num_classes",
+    "check_training_data",
+    "parse_dataset_argument",
+    "parse_register",
+    "register_from_cfg",
+    "training_class_names",
     "DatasetNotFoundError",
     "check_dataset_paths",
     "dataset_paths",
