@@ -242,8 +242,10 @@ def test_visualize_writes_detections_and_attention_pictures(distill_run, tmp_pat
     written = visualize.main(["--config-file", yaml_path, "--weights",
                               os.path.join(cfg.OUTPUT_DIR, "model_final.pth"),
                               "--dataset", TINY_VAL, "--num-images", "1", "--output", out])
-    names = sorted(os.path.basename(p).split("_", 1)[1] for p in written)
-    assert names == ["csgr_category_attention.png", "csgr_criss_cross.png", "detections.png"]
+    names = sorted(os.path.basename(p) for p in written)
+    stem = os.path.splitext(os.path.basename(DatasetCatalog.get(TINY_VAL)[0]["file_name"]))[0]
+    assert names == [f"{stem}_csgr_category_attention.png", f"{stem}_csgr_criss_cross.png",
+                     f"{stem}_detections.png"]  # named after the image
     detections = cv2.imread([p for p in written if p.endswith("detections.png")][0])
     assert detections.shape[1] >= 3 * 64  # ground truth | teacher | student
     attention = cv2.imread([p for p in written if p.endswith("category_attention.png")][0])

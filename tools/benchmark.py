@@ -7,7 +7,9 @@
     tools/benchmark.py kernels [--device cuda] [--repeats 5]
 
 Each part writes results/<part>.json and results/<part>.md (+ PNG plots for gain); sections for
-other devices/detectors already in those files are kept. Defaults fit the 2-core CPU machine:
+other devices/detectors already in those files are kept. While gain trains, detectron2's
+periodic lines (iteration, losses, ETA) of the current run are shown; each run's whole output is
+in its train.log. A known user error prints one message (``--debug``: the traceback). Defaults fit the 2-core CPU machine:
 gain ~1 h (teacher once + 3 seeds x {baseline, each method, CSGR options}), overhead ~10 min
 (512x640, batch 2), kernels ~5 min (800x1333 -> p3..p7, batch 2).
 """
@@ -19,6 +21,7 @@ import time
 
 import csgr_distill  # noqa: F401  (registers distillers, meta-architectures, datasets)
 from csgr_distill.benchmark import gain, kernels, overhead
+from csgr_distill.cli import add_debug_argument, run_cli
 from csgr_distill.teacher import REPO_ROOT
 
 
@@ -53,7 +56,13 @@ def parse_args(argv=None):
                    help="timed repeats (default: overhead 8, kernels 5)")
     o.add_argument("--detectors", nargs="*", default=list(overhead.DETECTORS),
                    choices=list(overhead.DETECTORS))
-    return p.parse_args(argv)
+    add_debug_argument(p)
+    args = p.parse_args(argv)
+    if args.teacher_weights and not os.path.isfile(args.teacher_weights):
+        raise FileNotFoundError(f"--teacher-weights {args.teacher_weights!r} does not exist: give "
+                                "a trained demo teacher (e.g. output/demo/teacher/model_final.pth)"
+                                " or leave it out to train one")
+    return args
 
 
 def main(argv=None):
@@ -86,4 +95,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -6,12 +6,16 @@ iterations) -> evaluate all three (--eval-only; the CSGR student through its exp
 checkpoint) -> table (markdown + json), bar chart, visualizations, all under ``output/demo/``.
 
 Every stage is a call of the project's own command-line tools, so the demo exercises exactly
-what a user runs. One progress line per stage, with elapsed time and ETA.
+what a user runs. One progress line per stage, with elapsed time and ETA; while a stage trains or
+evaluates, detectron2's own periodic lines (``eta: ... iter: N  total_loss: ...``, ``Inference
+done N/M ... ETA=``) are shown as they come; every tool's whole output is in
+``output/demo/logs/<stage>.log``. A stage that fails stops the demo with its tool's error
+message and the log's path.
 """
 import argparse
 import json
+import math
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -37,6 +41,18 @@ MODELS = {
 }
 #: rough relative cost of each stage on the 2-core reference machine (seconds), for the ETA only
 STAGE_COST = {"data": 10, "teacher": 550, "baseline": 130, "csgr": 170, "eval": 45, "report": 15}
+
+
+#: shown for a metric without a value (COCO's APl when no object is large)
+NO_VALUE = "—"
+NO_VALUE_NOTE = f"{NO_VALUE} : no objects of that size in the validation set"
+
+
+def fmt_metric(value) -> str:
+    """``12.34``, or :data:`NO_VALUE` for a metric without a value (None, NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return NO_VALUE
+    return f"{value:.2f}"
 
 
 def fmt(seconds: float) -> str:
@@ -71,16 +87,19 @@ class Progress:
 
 
 def run_tool(args, log_path):
-    """Run a project tool in a subprocess, its output to ``log_path``; raise with the log tail."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable] + args, cwd=REPO, stdout=log,
-                              stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        with open(log_path) as f:
-            tail = "".join(f.readlines()[-30:])
-        raise RuntimeError(f"'{' '.join(args)}' failed (exit {proc.returncode}); log {log_path}:\n"
-                           f"{tail}")
+    """Run a project tool in a subprocess: its whole output to ``log_path``, its progress lines
+    to the console as they come (``csgr_distill.cli.run_logged``). A failure raises ``CliError``
+    with the tool's own ``error:`` message (else the log's last lines) and the log's path."""
+    from csgr_distill.cli import CliError, run_logged
+
+    code = run_logged([sys.executable] + list(args), os.path.join(REPO, log_path), cwd=REPO)
+    if code != 0:
+        with open(os.path.join(REPO, log_path)) as f:
+            lines = f.read().splitlines()
+        errors = [ln for ln in lines if ln.startswith("error: ")]
+        said = ("\n".join(e[len("error: "):] for e in errors) if errors
+                else "its log ends with:\n" + "\n".join(lines[-30:]))
+        raise CliError(f"{args[0]} failed (exit code {code}): {said}\n(whole output: {log_path})")
 
 
 def train(config, opts, log_name):
@@ -111,14 +130,19 @@ def write_report(results, out_dir, iters):
     names = list(results)
     lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{results[n][m]:.2f}" for m in METRICS) + " |")
+        lines.append(f"| {n} | " + " | ".join(fmt_metric(results[n].get(m)) for m in METRICS)
+                     + " |")
+    missing = any(fmt_metric(results[n].get(m)) == NO_VALUE for n in names for m in METRICS)
     base, csgr = results["student R18 (baseline)"], results["student R18 + CSGR"]
     teacher = results["teacher R18-wide"]
     gap = teacher["AP"] - base["AP"]
-    closed = (csgr["AP"] - base["AP"]) / gap * 100 if abs(gap) > 1e-9 else float("nan")
+    closed = (csgr["AP"] - base["AP"]) / gap * 100 if abs(gap) > 1e-9 else None
     lines.append("")
+    if missing:
+        lines += [NO_VALUE_NOTE, ""]
+    share = f"{closed:.0f}% of" if closed is not None else "no share of"
     lines.append(f"CSGR gain over the baseline student: {csgr['AP'] - base['AP']:+.2f} AP "
-                 f"({closed:.0f}% of the teacher-student gap of {gap:.2f} AP); "
+                 f"({share} the teacher-student gap of {gap:.2f} AP); "
                  f"students trained {iters} iterations each on shapes_train, evaluated on "
                  "shapes_val.")
     md = "\n".join(lines)
@@ -126,15 +150,18 @@ def write_report(results, out_dir, iters):
         f.write(md + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"results": results, "student_iters": iters,
-                   "gain_AP": csgr["AP"] - base["AP"], "gap_closed_percent": closed}, f, indent=2)
+                   "gain_AP": csgr["AP"] - base["AP"], "gap_closed_percent": closed}, f, indent=2,
+                  allow_nan=False)
 
     x = np.arange(len(METRICS))
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(9, 4))
     for i, n in enumerate(names):
-        ax.bar(x + (i - (len(names) - 1) / 2) * width, [results[n][m] for m in METRICS], width,
-               label=n)
-    ax.set_xticks(x, METRICS)
+        values = [results[n].get(m) for m in METRICS]
+        ax.bar(x + (i - (len(names) - 1) / 2) * width,
+               [float("nan") if v is None else v for v in values], width, label=n)
+    ax.set_xticks(x, [m if any(fmt_metric(results[n].get(m)) != NO_VALUE for n in names)
+                      else f"{m}\n({NO_VALUE}: no objects)" for m in METRICS])
     ax.set_ylabel("COCO metric on shapes_val")
     ax.set_title("Demo: teacher vs baseline student vs CSGR-distilled student")
     ax.legend()
@@ -144,14 +171,17 @@ def write_report(results, out_dir, iters):
     return md
 
 
-def main():
+def main(argv=None):
+    from csgr_distill.cli import add_debug_argument
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-iters", type=int, default=None,
                         help="override SOLVER.MAX_ITER of the teacher (default: its config)")
     parser.add_argument("--student-iters", type=int, default=None,
                         help="override SOLVER.MAX_ITER of both students (default: their config)")
-    args = parser.parse_args()
+    add_debug_argument(parser)
+    args = parser.parse_args(argv)
     os.chdir(REPO)
     out_dir = "output/demo"
     os.makedirs(out_dir, exist_ok=True)
@@ -193,22 +223,32 @@ def main():
         cfg.merge_from_file(os.path.join(DEMO_CFG, "student-RetinaNet-R18.yaml"))
         iters = args.student_iters or cfg.SOLVER.MAX_ITER
         md = write_report(results, out_dir, iters)
-        run_tool(["tools/visualize.py", "--config-file",
-                  os.path.join(DEMO_CFG, "CSGR-RetinaNet-R18.yaml"),
-                  "--weights", "output/demo/student_csgr/model_final.pth",
-                  "--dataset", "shapes_val", "--num-images", "3",
-                  "--output", os.path.join(out_dir, "vis")],
-                 os.path.join(out_dir, "logs", "visualize.log"))
+        # ground truth | teacher | student, each model's 10 best boxes >= 0.05 (the students'
+        # scores are low: a fixed 0.4 threshold would show nothing), CSGR's attention maps;
+        # then the same images for the baseline student, to compare
+        for config, weights, vis_dir, log in (
+                ("CSGR-RetinaNet-R18.yaml", "output/demo/student_csgr/model_final.pth", "vis",
+                 "visualize"),
+                ("student-RetinaNet-R18.yaml", "output/demo/student_baseline/model_final.pth",
+                 os.path.join("vis", "baseline"), "visualize_baseline")):
+            run_tool(["tools/visualize.py", "--config-file", os.path.join(DEMO_CFG, config),
+                      "--weights", weights, "--dataset", "shapes_val", "--num-images", "3",
+                      "--top-k", "10", "--score-floor", "0.05",
+                      "--output", os.path.join(out_dir, vis_dir)],
+                     os.path.join(out_dir, "logs", log + ".log"))
         return md
 
     md = progress.run("report", "write table, chart and visualizations", report)
     print()
     print(md)
     print()
-    print(f"Written: {out_dir}/results.md, results.json, results.png, vis/*.png, logs/*.log")
+    print(f"Written: {out_dir}/results.md, results.json, results.png, vis/*.png (baseline "
+          "student: vis/baseline/), logs/*.log")
     print(f"Total time {fmt(time.time() - progress.t0)}. Benchmarks of every method: README "
           "'Results' (tools/benchmark.py).")
 
 
 if __name__ == "__main__":
-    main()
+    from csgr_distill.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -11,14 +11,21 @@ anything is trained or evaluated. A distillation run ends with
 
 ``--eval-only`` builds the student with ``MODEL.DISTILL.ENABLED False``: nothing of the teacher is
 read (neither its yaml nor its weights), and the ``distillers.*`` tensors of a training checkpoint
-are dropped with one info line. It also writes the results to ``OUTPUT_DIR/eval_results.json``.
+are dropped with one info line. It also writes the results to ``OUTPUT_DIR/eval_results.json``
+(strict JSON: an AP without a value, e.g. APl when no object is large, is ``null``).
 
 ``--resume`` restores the weights (distillers included), optimizer, LR scheduler and iteration, but
 not the data order, random states or RetinaNet's loss-normaliser EMA: the resumed run is not
 bit-identical to an uninterrupted one (see ``DistillTrainer``).
+
+A known user error (a missing dataset, teacher yaml or checkpoint, an unknown method or config key)
+prints one ``error: ...`` message and exits with code 2; ``--debug`` (or ``CSGR_DEBUG=1``) shows
+the traceback instead (``csgr_distill.cli``).
 """
 import json
+import math
 import os
+import sys
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -27,6 +34,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import csgr_distill  # noqa: F401  (registers meta-architectures, distillers, datasets)
+from csgr_distill.cli import ReportUserErrors, add_debug_argument, check_file, run_cli
 from csgr_distill.config import add_distill_config
 from csgr_distill.data.errors import check_datasets
 from csgr_distill.engine import DistillTrainer
@@ -36,7 +44,7 @@ from csgr_distill.export import StudentCheckpointer
 def setup(args):
     cfg = get_cfg()
     add_distill_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_file(check_file(args.config_file))
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
@@ -57,6 +65,18 @@ def eval_cfg(cfg):
     return cfg
 
 
+def strict_json(value):
+    """``value`` with every NaN/inf float as None, so ``json.dump(allow_nan=False)`` writes
+    strict JSON (``null``; COCO's AP of a size no object has, e.g. APl on shapes, is NaN)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def main(args):
     cfg = setup(args)
     if args.eval_only:
@@ -71,7 +91,7 @@ def main(args):
             verify_results(cfg, res)
             os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
             with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
-                json.dump(res, f, indent=2)
+                json.dump(strict_json(res), f, indent=2, allow_nan=False)
         return res
     trainer = DistillTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -79,13 +99,18 @@ def main(args):
 
 
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
+    """Parse ``argv`` and train or evaluate; exceptions propagate (``run_cli`` turns the known
+    user errors into one message). With more than one process each worker reports its own user
+    error (``ReportUserErrors``) and exits with code 2."""
+    args = add_debug_argument(default_argument_parser()).parse_args(argv)
     print("Command Line Args:", args)
+    processes = args.num_gpus * args.num_machines
     return launch(
-        main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-        dist_url=args.dist_url, args=(args,),
+        main if processes == 1 else ReportUserErrors(main), args.num_gpus,
+        num_machines=args.num_machines, machine_rank=args.machine_rank, dist_url=args.dist_url,
+        args=(args,),
     )
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(run_cli(cli))

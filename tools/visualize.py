@@ -1,20 +1,31 @@
 #!/usr/bin/env python
-"""Look at a distilled student with detectron2's Visualizer. For each image, writes PNGs:
+"""Look at a student (distilled or baseline) and its teacher with detectron2's Visualizer. For
+each image ``<stem>`` (its file name without extension), writes PNGs:
 
-* ``<id>_detections.png``: ground truth | teacher predictions | student predictions;
-* ``<id>_csgr_category_attention.png``: CSGR's per-class spatial attention on one FPN level,
-  teacher row above student row (learned classifier, or the teacher's logits with
-  ``ATTENTION teacher_head``);
-* ``<id>_csgr_criss_cross.png``: the criss-cross attention of a chosen pixel (teacher, student).
+* ``<stem>_detections.png``: ground truth | teacher | student; each model's ``--top-k`` best
+  detections at or above ``--score-floor`` (scores on the labels, the rule on the panel), so a
+  weak or young model still shows what it finds;
+* distillation configs with CSGR only: ``<stem>_csgr_category_attention.png`` (CSGR's per-class
+  spatial attention on one FPN level, teacher row above student row; learned classifier, or the
+  teacher's logits with ``ATTENTION teacher_head``) and ``<stem>_csgr_criss_cross.png`` (the
+  criss-cross attention of one grid cell, teacher and student).
 
-    tools/visualize.py --config-file configs/demo/CSGR-RetinaNet-R18.yaml \
+    tools/visualize.py --config-file configs/demo/CSGR-RetinaNet-R18.yaml \\
         --weights output/demo/student_csgr/model_final.pth --dataset shapes_val --output vis/
+    tools/visualize.py --config-file configs/demo/student-RetinaNet-R18.yaml \\
+        --weights output/demo/student_baseline/model_final.pth --images 0,7,000012.png --output vis/
 
-``--weights`` is a training checkpoint of the distilled student (it holds the distiller's learned
-parts); the teacher comes from ``MODEL.DISTILL.TEACHER.*`` of the config.
+``--weights``: the student's checkpoint: a training checkpoint (``model_final.pth``; it holds the
+distiller's learned parts, which the attention pictures need) or an exported plain student. The
+teacher comes from ``MODEL.DISTILL.TEACHER.*`` of the config and is drawn when it is configured
+and its weights exist (a baseline config with a teacher configured too); without it, or with
+``--no-teacher``, the student is built with distillation off and drawn alone, and no teacher
+weights are read. A known user error prints one message (``--debug``: the traceback).
 """
 import argparse
 import os
+import sys
+from typing import Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -25,119 +36,278 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.visualizer import Visualizer
 
 import csgr_distill  # noqa: F401  (registrations)
+from csgr_distill.cli import CliError, add_debug_argument, check_file, run_cli
 from csgr_distill.config import add_distill_config
-from csgr_distill.vis import grid, heatmap_on_image, labelled, level_map_to_image, mark_pixel
+from csgr_distill.data.errors import check_datasets
+from csgr_distill.export import StudentCheckpointer
+from csgr_distill.teacher import FrozenTeacher, build_teacher_cfg
+from csgr_distill.vis import (captioned, draw_detections, grid, heatmap_on_image, labelled,
+                              level_map_to_image, lower_score_threshold, mark_pixel, rule_text,
+                              top_detections)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True, help="the distilled student's config")
-    p.add_argument("--weights", required=True, help="student training checkpoint (.pth)")
+    p.add_argument("--config-file", required=True,
+                   help="the student's config: a distillation config or a baseline one")
+    p.add_argument("--weights", required=True, help="the student's checkpoint (.pth)")
     p.add_argument("--dataset", default=None, help="registered dataset (default DATASETS.TEST[0])")
-    p.add_argument("--num-images", type=int, default=3)
+    p.add_argument("--num-images", type=int, default=3,
+                   help="draw the first N images of the dataset (when --images is not given)")
+    p.add_argument("--images", action="append", default=[], metavar="NAME_OR_INDEX[,...]",
+                   help="images to draw, by file name (with or without extension) or 0-based "
+                        "index in the dataset, comma-separated; repeatable")
     p.add_argument("--output", required=True, help="folder for the PNG files")
+    p.add_argument("--top-k", type=int, default=10,
+                   help="draw each model's K best detections per image (0: no limit)")
+    p.add_argument("--score-floor", type=float, default=0.05,
+                   help="... among those scoring at least this")
+    p.add_argument("--no-teacher", action="store_true",
+                   help="draw ground truth | student only; nothing of the teacher is read")
     p.add_argument("--level", default="p3", help="FPN level whose attention is drawn")
     p.add_argument("--pixel", type=int, nargs=2, metavar=("I", "J"), default=None,
                    help="grid cell (row, col) on --level for the criss-cross attention "
                         "(default: the centre of the largest ground-truth box)")
-    p.add_argument("--score-thresh", type=float, default=0.4)
     p.add_argument("--min-display-size", type=int, default=320,
                    help="small images are enlarged to at least this short side for drawing")
+    add_debug_argument(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.score_floor < 0 or args.score_floor > 1:
+        p.error(f"--score-floor {args.score_floor}: a score between 0 and 1")
+    return args
 
 
-def model_input(image_bgr_or_rgb, aug, height, width):
-    image = aug.get_transform(image_bgr_or_rgb).apply_image(image_bgr_or_rgb)
+# ------------------------------------------------------------------------------------------------
+# images
+# ------------------------------------------------------------------------------------------------
+def select_images(dicts: List[dict], selectors: Sequence[str], num_images: int,
+                  dataset: str) -> List[dict]:
+    """The dataset dicts named by ``selectors`` (``--images`` values: comma-separated file names,
+    stems or 0-based indices), in the given order; without selectors the first ``num_images``."""
+    tokens = [t.strip() for s in selectors for t in s.split(",") if t.strip()]
+    if not tokens:
+        return dicts[:num_images]
+    by_name: Dict[str, int] = {}
+    for i, d in enumerate(dicts):
+        path = d["file_name"]
+        for key in (path, os.path.basename(path), os.path.splitext(os.path.basename(path))[0]):
+            by_name.setdefault(key, i)
+    chosen = []
+    for t in tokens:
+        if t.lstrip("-").isdigit():
+            i = int(t)
+            if not -len(dicts) <= i < len(dicts):
+                raise CliError(f"--images {t}: {dataset} has {len(dicts)} images, so an index is "
+                               f"0..{len(dicts) - 1}")
+            chosen.append(dicts[i])
+        elif t in by_name:
+            chosen.append(dicts[by_name[t]])
+        else:
+            examples = ", ".join(os.path.basename(d["file_name"]) for d in dicts[:3])
+            raise CliError(f"--images {t}: no image of that name in {dataset} (its files are "
+                           f"named e.g. {examples}); give a file name, its stem, or a 0-based "
+                           "index")
+    return chosen
+
+
+def image_stems(dicts: List[dict]) -> List[str]:
+    """File-name stems, made unique with ``-<image_id>`` where two images share one."""
+    stems = [os.path.splitext(os.path.basename(d["file_name"]))[0] for d in dicts]
+    return [f"{s}-{d.get('image_id', i)}" if stems.count(s) > 1 else s
+            for i, (s, d) in enumerate(zip(stems, dicts))]
+
+
+def model_input(image, aug, height, width):
+    image = aug.get_transform(image).apply_image(image)
     return {"image": torch.as_tensor(image.transpose(2, 0, 1).astype("float32")),
             "height": height, "width": width}
 
 
-def draw_predictions(rgb, instances, metadata, thresh, scale):
-    instances = instances.to("cpu")
-    return Visualizer(rgb, metadata, scale=scale).draw_instance_predictions(
-        instances[instances.scores > thresh]).get_image()
+def in_format(inputs: List[dict], have: str, want: str) -> List[dict]:
+    """``inputs`` in another model's channel order (RGB <-> BGR)."""
+    if have == want:
+        return inputs
+    if {have, want} != {"RGB", "BGR"}:
+        raise CliError(f"the teacher's INPUT.FORMAT {want} cannot be made from the student's "
+                       f"{have}")
+    return [dict(x, image=x["image"].flip(0)) for x in inputs]
 
 
+# ------------------------------------------------------------------------------------------------
+# models
+# ------------------------------------------------------------------------------------------------
+class _LoadReport(DetectionCheckpointer):
+    """A DetectionCheckpointer that keeps what its last load did not match."""
+
+    incompatible = None
+
+    def _load_model(self, checkpoint):
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+
+def find_teacher(cfg) -> Tuple[bool, str]:
+    """(the teacher can be drawn, why not). Reads configs only (no weights are loaded)."""
+    if not cfg.MODEL.DISTILL.TEACHER.CONFIG:
+        return False, "no teacher configured (MODEL.DISTILL.TEACHER.CONFIG is empty)"
+    try:
+        tcfg = build_teacher_cfg(cfg)
+    except (FileNotFoundError, ValueError, LookupError) as e:
+        return False, str(e)
+    weights = tcfg.MODEL.WEIGHTS
+    if not weights:
+        return False, "the teacher has no weights (MODEL.DISTILL.TEACHER.WEIGHTS is empty)"
+    if "://" not in weights and not PathManager.exists(weights):
+        return False, (f"the teacher's weights {weights!r} do not exist "
+                       "(MODEL.DISTILL.TEACHER.WEIGHTS)")
+    return True, ""
+
+
+def without_distillation(cfg):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DISTILL.ENABLED = False
+    cfg.freeze()
+    return cfg
+
+
+def build_models(cfg, weights: str, use_teacher: bool, notes: List[str]):
+    """(student, teacher or None, CSGR distiller or None).
+
+    The student is built with distillation on only when the attention pictures can be drawn (a
+    CSGR config, the teacher available, the checkpoint holding the distiller); otherwise with
+    distillation off, loading a training checkpoint's student part."""
+    csgr_config = cfg.MODEL.DISTILL.ENABLED and "CSGR" in cfg.MODEL.DISTILL.METHODS
+    if csgr_config and use_teacher:
+        student = build_model(cfg)
+        loader = _LoadReport(student)
+        loader.load(weights)
+        student.eval()
+        missing = [k for k in (loader.incompatible.missing_keys or [])
+                   if k.startswith("distillers.CSGR.")]
+        if not missing:
+            return student, student.teacher.model, student.distillers["CSGR"]
+        notes.append(f"no attention pictures: {weights} has no distillers.CSGR.* tensors (an "
+                     "exported student); a training checkpoint such as model_final.pth has them")
+    elif cfg.MODEL.DISTILL.ENABLED and not csgr_config:
+        notes.append("no attention pictures: drawn for CSGR only "
+                     f"(MODEL.DISTILL.METHODS {list(cfg.MODEL.DISTILL.METHODS)})")
+    student = build_model(without_distillation(cfg))
+    StudentCheckpointer(student).load(weights)
+    student.eval()
+    teacher = FrozenTeacher.from_student_cfg(cfg).model if use_teacher else None
+    return student, teacher, None
+
+
+# ------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
     cfg = get_cfg()
     add_distill_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_file(check_file(args.config_file))
     cfg.merge_from_list(args.opts)
     cfg.freeze()
-    if not cfg.MODEL.DISTILL.ENABLED:
-        raise SystemExit("visualize.py needs a distillation config (MODEL.DISTILL.ENABLED True): "
-                         "it draws the teacher and the distiller's attention")
-    dataset = args.dataset or cfg.DATASETS.TEST[0]
+    if not PathManager.exists(args.weights):
+        raise FileNotFoundError(f"--weights {args.weights!r} does not exist: give the student's "
+                                "checkpoint, e.g. output/<run>/model_final.pth")
+    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
+    if dataset is None:
+        raise CliError("no dataset to draw: DATASETS.TEST is empty; give --dataset NAME")
+    check_datasets([dataset], "--dataset" if args.dataset else "DATASETS.TEST")
+    dicts = select_images(DatasetCatalog.get(dataset), args.images, args.num_images, dataset)
     metadata = MetadataCatalog.get(dataset)
+
+    notes: List[str] = []
+    use_teacher = False
+    if args.no_teacher:
+        notes.append("teacher not drawn: --no-teacher")
+    else:
+        use_teacher, why = find_teacher(cfg)
+        if not use_teacher and (cfg.MODEL.DISTILL.ENABLED or cfg.MODEL.DISTILL.TEACHER.CONFIG):
+            notes.append(f"teacher not drawn: {why}")
+    student, teacher, csgr = build_models(cfg, args.weights, use_teacher, notes)
+    for model in (student, teacher):
+        if model is not None:
+            lower_score_threshold(model, args.score_floor, args.top_k)
+    for n in notes:
+        print("note:", n)
     os.makedirs(args.output, exist_ok=True)
 
-    student = build_model(cfg)
-    DetectionCheckpointer(student).load(args.weights)
-    student.eval()
-    teacher = student.teacher.model
-    csgr = student.distillers["CSGR"] if "CSGR" in student.distillers else None
     aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    rule = rule_text(args.top_k, args.score_floor)
+    student_name = "student" if cfg.MODEL.DISTILL.ENABLED else "student (no distillation)"
     level = args.level
-    stride = student.backbone.output_shape()[level].stride
-
     written = []
-    for d in DatasetCatalog.get(dataset)[: args.num_images]:
+    for d, stem in zip(dicts, image_stems(dicts)):
         image = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
         rgb = utils.convert_image_to_rgb(image, cfg.INPUT.FORMAT)
         inputs = [model_input(image, aug, d["height"], d["width"])]
-        with torch.no_grad():
-            s_pred = student(inputs)[0]["instances"]
-            t_pred = teacher(student.teacher_inputs(inputs))[0]["instances"]
         scale = max(1.0, args.min_display_size / min(rgb.shape[:2]))
+        models = [("teacher", teacher)] if teacher is not None else []
+        models.append((student_name, student))
         gt = Visualizer(rgb, metadata, scale=scale).draw_dataset_dict(d).get_image()
-        panels = [labelled(gt, "ground truth"),
-                  labelled(draw_predictions(rgb, t_pred, metadata, args.score_thresh, scale),
-                           "teacher"),
-                  labelled(draw_predictions(rgb, s_pred, metadata, args.score_thresh, scale),
-                           "student")]
-        stem = os.path.join(args.output, f"{d['image_id']}")
-        written.append(_save(stem + "_detections.png", grid(panels, cols=3)))
-        if csgr is None:
-            continue
-
-        with torch.no_grad():  # the records a training step gives the distiller
-            s_images = student.preprocess_image(inputs)
-            s_rec = student.recorder.record(student, s_images, inputs, ("features",))
-            t_rec = student.run_teacher(inputs, s_rec)
-            t_logits = t_rec.level_logits(level) if "cls_logits" in t_rec else None
-            s_feats, t_feats = s_rec.features, t_rec.features
-            maps = {role: csgr.attention_maps(feats, level, role, teacher_logits=t_logits)
-                    for role, feats in (("teacher", t_feats), ("student", s_feats))}
-        image_size = s_images.image_sizes[0]
-        orig_hw = rgb.shape[:2]
-        rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-        out_hw = rgb.shape[:2]
-        tiles = []
-        for role in ("teacher", "student"):
-            for k, name in enumerate(metadata.thing_classes):
-                heat = level_map_to_image(maps[role]["category"][0, k], stride, image_size, out_hw)
-                tiles.append(labelled(heatmap_on_image(rgb, heat), f"{role[0]}: {name}"))
-        written.append(_save(stem + "_csgr_category_attention.png",
-                             grid(tiles, cols=len(metadata.thing_classes))))
-
-        i, j = args.pixel or default_pixel(d, stride, image_size, orig_hw)
-        with torch.no_grad():
-            pix = {role: csgr.pixel_attention(feats, level, i, j, role)
-                   for role, feats in (("teacher", t_feats), ("student", s_feats))}
-        scale_y, scale_x = out_hw[0] / image_size[0], out_hw[1] / image_size[1]
-        xy = ((j + 0.5) * stride * scale_x, (i + 0.5) * stride * scale_y)
-        tiles = [labelled(mark_pixel(heatmap_on_image(
-                     rgb, level_map_to_image(pix[role][0], stride, image_size, out_hw, smooth=False)),
-                     xy), f"{role}: ({i},{j}) {level}")
-                 for role in ("teacher", "student")]
-        written.append(_save(stem + "_csgr_criss_cross.png", grid(tiles, cols=2)))
+        n_gt = len(d.get("annotations", []))
+        panels = [captioned(gt, ["ground truth", f"{n_gt} object" + ("" if n_gt == 1 else "s")])]
+        for name, model in models:
+            model_inputs = inputs if model is student else in_format(
+                inputs, student.input_format, model.input_format)
+            with torch.no_grad():
+                kept = top_detections(model(model_inputs)[0]["instances"], args.top_k,
+                                      args.score_floor)
+            panels.append(captioned(draw_detections(rgb, kept, metadata, scale),
+                                    [name, f"{rule}: {len(kept)} shown"]))
+        stem_path = os.path.join(args.output, stem)
+        written.append(_save(stem_path + "_detections.png", grid(panels, cols=len(panels))))
+        if csgr is not None:
+            written += attention_pictures(args, cfg, student, csgr, d, inputs, rgb, scale,
+                                          metadata, level, stem_path)
     print("Wrote", len(written), "files to", args.output)
+    return written
+
+
+def attention_pictures(args, cfg, student, csgr, d, inputs, rgb, scale, metadata, level,
+                       stem_path) -> List[str]:
+    """CSGR's class attention and criss-cross attention, teacher and student, from the records a
+    training step gives the distiller."""
+    stride = student.backbone.output_shape()[level].stride
+    with torch.no_grad():
+        s_images = student.preprocess_image(inputs)
+        s_rec = student.recorder.record(student, s_images, inputs, ("features",))
+        t_rec = student.run_teacher(inputs, s_rec)
+        t_logits = t_rec.level_logits(level) if "cls_logits" in t_rec else None
+        s_feats, t_feats = s_rec.features, t_rec.features
+        maps = {role: csgr.attention_maps(feats, level, role, teacher_logits=t_logits)
+                for role, feats in (("teacher", t_feats), ("student", s_feats))}
+    image_size = s_images.image_sizes[0]
+    orig_hw = rgb.shape[:2]
+    rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+    out_hw = rgb.shape[:2]
+    written = []
+    tiles = []
+    for role in ("teacher", "student"):
+        for k, name in enumerate(metadata.thing_classes):
+            heat = level_map_to_image(maps[role]["category"][0, k], stride, image_size, out_hw)
+            tiles.append(labelled(heatmap_on_image(rgb, heat), f"{role[0]}: {name}"))
+    written.append(_save(stem_path + "_csgr_category_attention.png",
+                         grid(tiles, cols=len(metadata.thing_classes))))
+
+    i, j = args.pixel or default_pixel(d, stride, image_size, orig_hw)
+    with torch.no_grad():
+        pix = {role: csgr.pixel_attention(feats, level, i, j, role)
+               for role, feats in (("teacher", t_feats), ("student", s_feats))}
+    scale_y, scale_x = out_hw[0] / image_size[0], out_hw[1] / image_size[1]
+    xy = ((j + 0.5) * stride * scale_x, (i + 0.5) * stride * scale_y)
+    tiles = [labelled(mark_pixel(heatmap_on_image(
+                 rgb, level_map_to_image(pix[role][0], stride, image_size, out_hw, smooth=False)),
+                 xy), f"{role}: ({i},{j}) {level}")
+             for role in ("teacher", "student")]
+    written.append(_save(stem_path + "_csgr_criss_cross.png", grid(tiles, cols=2)))
     return written
 
 
@@ -166,4 +336,4 @@ def _save(path, rgb):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -10,12 +10,15 @@ absolute path of ``<name>.pth``.
 
 Used by the trainer (``model_final_student.{pth,yaml}`` at the end of a distillation run) and by
 ``tools/export_student.py``. :class:`StudentCheckpointer` loads distillation checkpoints into a
-model built without distillers.
+model built without distillers. :func:`export_torchscript` (``export_student.py --format
+torchscript``) writes ``<name>.ts``: the plain student traced with detectron2's ``TracingAdapter``,
+which runs with torch and torchvision alone.
 """
 import logging
 import os
 from typing import Dict, List, Mapping, Optional
 
+import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
@@ -32,6 +35,10 @@ __all__ = [
     "write_student",
     "export_student",
     "StudentCheckpointer",
+    "TORCHSCRIPT_ARCHITECTURES",
+    "check_torchscript_supported",
+    "export_torchscript",
+    "torchscript_sample",
 ]
 
 #: state_dict prefixes that exist only for distillation (distiller adapters, classifiers, ...).
@@ -148,3 +155,143 @@ class StudentCheckpointer(DetectionCheckpointer):
                             "model is built without distillers", len(dropped),
                             ", ".join(p + "*" for p in DISTILL_ONLY_PREFIXES))
         return super()._load_model(checkpoint)
+
+
+# ------------------------------------------------------------------------------------------------
+# TorchScript
+# ------------------------------------------------------------------------------------------------
+#: detectron2 meta-architectures (of the plain student) that :func:`export_torchscript` traces
+TORCHSCRIPT_ARCHITECTURES = ("RetinaNet", "GeneralizedRCNN")
+
+#: what the ``.ts`` file takes and returns (also stored in it as the extra file ``interface.txt``)
+TORCHSCRIPT_INTERFACE = """\
+input:  image, float32 [3, H, W], channel order INPUT.FORMAT ({format}), pixel values 0-255,
+        already resized as the model was tested: short side INPUT.MIN_SIZE_TEST ({min_size}),
+        long side at most INPUT.MAX_SIZE_TEST ({max_size}) (detectron2's ResizeShortestEdge)
+output: (boxes float32 [N, 4] XYXY in the input image's pixels, scores float32 [N],
+         classes int64 [N], indices into the class names below), best first
+classes: {classes}
+load:   import torch, torchvision  (torchvision registers the nms/roi_align ops the graph uses)
+        model = torch.jit.load(path); boxes, scores, classes = model(image)
+"""
+
+
+def _boxes_scores_classes(model, inputs):
+    """Inference for :class:`~detectron2.export.TracingAdapter`: (boxes, scores, classes) of the
+    one input image, in its own pixels (R-CNN as detectron2's ``export_model.py``:
+    ``inference(do_postprocess=False)``; dense detectors: their ``forward``, which postprocesses
+    to the input's size when no ``height``/``width`` is given)."""
+    from detectron2.modeling import GeneralizedRCNN
+
+    if isinstance(model, GeneralizedRCNN):
+        inst = model.inference(inputs, do_postprocess=False)[0]
+    else:
+        inst = model(inputs)[0]["instances"]
+    return inst.pred_boxes.tensor, inst.scores, inst.pred_classes
+
+
+def torchscript_sample(cfg, image_path: Optional[str] = None) -> torch.Tensor:
+    """The image to trace with, as the model takes it (``[3, H, W]`` float, ``INPUT.FORMAT``,
+    resized like the test set): ``image_path``, else the first image of ``DATASETS.TEST[0]``
+    when that set is registered and on disk, else a fixed random image of the test size."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data import detection_utils as utils
+    from detectron2.data import transforms as T
+
+    if image_path is None and cfg.DATASETS.TEST and cfg.DATASETS.TEST[0] in DatasetCatalog.list():
+        try:
+            image_path = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]["file_name"]
+        except (OSError, IndexError, KeyError):  # not on disk: the synthetic image below
+            image_path = None
+    if image_path is not None:
+        if not os.path.isfile(image_path):
+            raise FileNotFoundError(f"Sample image {image_path!r} does not exist")
+        image = utils.read_image(image_path, format=cfg.INPUT.FORMAT)
+    else:
+        size = int(cfg.INPUT.MIN_SIZE_TEST)
+        image = np.random.RandomState(0).randint(0, 256, (size, size, 3)).astype(np.uint8)
+    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    image = aug.get_transform(image).apply_image(image)
+    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
+
+
+def check_torchscript_supported(plain_cfg: CfgNode) -> None:
+    """Raise ValueError naming the key when ``--format torchscript`` cannot export this model."""
+    arch = plain_cfg.MODEL.META_ARCHITECTURE
+    if arch not in TORCHSCRIPT_ARCHITECTURES:
+        raise ValueError(
+            f"--format torchscript exports RetinaNet and Faster R-CNN (GeneralizedRCNN) students; "
+            f"MODEL.META_ARCHITECTURE is {arch!r}. Export it with the default --format checkpoint")
+    for key in ("MASK_ON", "KEYPOINT_ON"):
+        if plain_cfg.MODEL.get(key, False):
+            raise ValueError(f"--format torchscript exports box detectors only; MODEL.{key} is "
+                             "True. Export it with the default --format checkpoint")
+    if arch == "GeneralizedRCNN" and plain_cfg.MODEL.PROPOSAL_GENERATOR.NAME != "RPN":
+        raise ValueError("--format torchscript exports Faster R-CNN with an RPN; "
+                         f"MODEL.PROPOSAL_GENERATOR.NAME is "
+                         f"{plain_cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}")
+
+
+def export_torchscript(state_dict: Mapping[str, torch.Tensor], cfg: CfgNode, output: str,
+                       sample_image: Optional[str] = None) -> Dict[str, object]:
+    """Trace the plain student (``cfg``: the distillation config, ``state_dict``: the training
+    checkpoint's model) on the CPU with detectron2's ``TracingAdapter`` and ``torch.jit.trace``,
+    check that the traced model returns exactly what the eager model returns on the sample image
+    (:func:`torchscript_sample`) and on its mirror image, and save it to ``output`` (``.ts``),
+    with :data:`TORCHSCRIPT_INTERFACE` as its extra file ``interface.txt``.
+
+    Returns {"torchscript": output, "detections": number of detections on the sample image,
+    "sample": (H, W)}. Raises ValueError for an architecture it does not export, RuntimeError
+    when tracing fails or the traced outputs differ."""
+    import warnings
+
+    from detectron2.data import MetadataCatalog
+    from detectron2.export import TracingAdapter
+    from detectron2.modeling import build_model
+
+    plain = plain_student_cfg(cfg, "")
+    plain.defrost()
+    plain.MODEL.DEVICE = "cpu"
+    plain.freeze()
+    check_torchscript_supported(plain)
+    model = build_model(plain).eval()
+    incompatible = model.load_state_dict(student_state_dict(state_dict), strict=False)
+    if incompatible.missing_keys or incompatible.unexpected_keys:
+        raise ValueError(
+            "The checkpoint does not match --config-file: missing keys "
+            f"{sorted(incompatible.missing_keys)[:8]}, unexpected keys "
+            f"{sorted(incompatible.unexpected_keys)[:8]}; give the config it was trained with")
+    for p in model.parameters():  # the traced graph then needs no autograd at all
+        p.requires_grad_(False)
+    image = torchscript_sample(plain, sample_image)
+    adapter = TracingAdapter(model, ([{"image": image}],), _boxes_scores_classes)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(adapter, (image,), check_trace=False)
+    except Exception as e:  # noqa: BLE001  (said with the architecture, then the cause)
+        raise RuntimeError(f"torch.jit.trace of the {plain.MODEL.META_ARCHITECTURE} student "
+                           f"failed: {type(e).__name__}: {e}") from e
+    for name, x in (("the sample image", image), ("its mirror image", image.flip(-1))):
+        with torch.no_grad():
+            eager = _boxes_scores_classes(model, [{"image": x}])
+            got = traced(x)
+        if not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(eager, got)):
+            raise RuntimeError(f"The traced {plain.MODEL.META_ARCHITECTURE} student does not "
+                               f"reproduce the eager model on {name}: {len(eager[0])} eager vs "
+                               f"{len(got[0])} traced detections, or other values")
+    names = None
+    if plain.DATASETS.TRAIN:
+        names = MetadataCatalog.get(plain.DATASETS.TRAIN[0]).get("thing_classes", None)
+    interface = TORCHSCRIPT_INTERFACE.format(
+        format=plain.INPUT.FORMAT, min_size=plain.INPUT.MIN_SIZE_TEST,
+        max_size=plain.INPUT.MAX_SIZE_TEST, classes=", ".join(names) if names else "(unknown)")
+    output = os.path.abspath(output)
+    PathManager.mkdirs(os.path.dirname(output))
+    with PathManager.open(output, "wb") as f:
+        torch.jit.save(traced, f, _extra_files={"interface.txt": interface})
+    logger.info("Wrote the TorchScript student %s (traced on a %dx%d image, %d detections, "
+                "equal to the eager model's)", output, image.shape[1], image.shape[2],
+                len(eager[0]))
+    return {"torchscript": output, "detections": int(len(eager[0])),
+            "sample": (int(image.shape[1]), int(image.shape[2])), "interface": interface}

@@ -25,10 +25,10 @@ progress lines and the markdown (a "cached runs" footnote and the teacher line).
 """
 import hashlib
 import json
+import math
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -103,14 +103,19 @@ def check_overrides(plan: Dict[str, List]) -> None:
 
 
 def _train_net(args: List[str], log_path: str) -> None:
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools/train_net.py")]
-                              + [str(a) for a in args], cwd=REPO_ROOT, stdout=log,
-                              stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = "".join(open(log_path).readlines()[-25:])
-        raise RuntimeError(f"train_net.py failed (log {log_path}):\n{tail}")
+    """``tools/train_net.py args``: its whole output to ``log_path``, detectron2's progress lines
+    (iteration, losses, ETA; evaluation progress) to the console as they come."""
+    from ..cli import run_logged
+
+    print(f"      running tools/train_net.py{' --eval-only' if '--eval-only' in args else ''}, "
+          f"log {log_path}", flush=True)
+    code = run_logged([sys.executable, os.path.join(REPO_ROOT, "tools/train_net.py")]
+                      + [str(a) for a in args], log_path, cwd=REPO_ROOT)
+    if code != 0:
+        lines = open(log_path).read().splitlines()
+        errors = [ln[len("error: "):] for ln in lines if ln.startswith("error: ")]
+        said = "\n".join(errors) if errors else "its log ends with:\n" + "\n".join(lines[-25:])
+        raise RuntimeError(f"train_net.py failed (exit code {code}; log {log_path}): {said}")
 
 
 def _opts_str(opts: List) -> List[str]:
@@ -402,6 +407,39 @@ def plot(out_dir: str, teacher: dict, rows: List[dict], runs: Dict[str, List[dic
     plt.close(fig)
 
 
+#: a table cell without a number (a std over one seed, a share of a gap that is not positive)
+NO_VALUE = "—"
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def number_cell(x, spec: str) -> str:
+    """``format(x, spec)``, or :data:`NO_VALUE` for None/NaN."""
+    return NO_VALUE if _missing(x) else format(x, spec)
+
+
+def mean_std_cell(mean, std) -> str:
+    """``7.68 ± 0.61``; ``7.68 ± —`` for a std over one seed; :data:`NO_VALUE` without a mean."""
+    if _missing(mean):
+        return NO_VALUE
+    return f"{mean:.2f} ± {number_cell(std, '.2f')}"
+
+
+def table_note(rows: List[dict]) -> str:
+    """What a :data:`NO_VALUE` in the table means (an empty string when there is none), followed
+    by a blank line."""
+    notes = []
+    if any(_missing(r[m + "_std"]) and not _missing(r[m]) for r in rows for m in METRICS):
+        notes.append(f"{NO_VALUE} after ±: one seed, no standard deviation")
+    if any(_missing(r[m]) for r in rows for m in METRICS):
+        notes.append(f"{NO_VALUE} : no value (no objects of that size in the validation set)")
+    if any(_missing(r["gap_closed_percent"]) for r in rows):
+        notes.append(f"{NO_VALUE} in gap closed: the teacher does not beat the baseline student")
+    return "".join(n + "\n" for n in notes) + ("\n" if notes else "")
+
+
 def cached_note(runs: Dict[str, List[dict]]) -> str:
     """One markdown line naming the runs read from the cache, e.g. ``cached runs: CSGR seeds 0,1
     (trained in an earlier invocation with the same key)``, or saying that none were."""
@@ -457,12 +495,12 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
                f"(teacher {teacher_note(teacher)})")
     table = markdown_table(
         ["method", "AP", "AP50", "AP75", "gain AP", "gap closed (%)", "gain > 2 std"],
-        [[r["method"], f"{r['AP']:.2f} ± {r['AP_std']:.2f}", f"{r['AP50']:.2f} ± {r['AP50_std']:.2f}",
-          f"{r['AP75']:.2f} ± {r['AP75_std']:.2f}", f"{r['gain_AP']:+.2f}",
-          f"{r['gap_closed_percent']:.0f}", "yes" if r["gain_over_2std"] else "no"]
+        [[r["method"]] + [mean_std_cell(r[m], r[m + "_std"]) for m in METRICS]
+         + [number_cell(r["gain_AP"], "+.2f"), number_cell(r["gap_closed_percent"], ".0f"),
+            "yes" if r["gain_over_2std"] else "no"]
          for r in rows])
     md = (header_lines("gain (shapes)", info, command) + "\n" + setting + "\n\n" + table
-          + "\n\n" + cached_note(runs)
+          + "\n\n" + table_note(rows) + cached_note(runs)
           + "\n\n![AP per method](gain_ap.png) ![AP vs iteration](gain_curves.png)")
     payload = {"machine": info, "setting": setting, "teacher": teacher, "rows": rows,
                "runs": runs}

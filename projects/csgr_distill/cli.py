@@ -1,0 +1,264 @@
+"""What every tool in ``tools/`` shares on the console: known user errors as one message, and the
+progress lines of the training subprocesses it runs.
+
+Errors. ``sys.exit(run_cli(main))`` runs ``main(argv)``; an exception that is a *known user
+error* (:func:`user_error_message`) prints ``error: <message>`` to stderr and exits with
+:data:`USER_ERROR_EXIT` (2), without a traceback. ``--debug`` anywhere on the command line (it is
+taken out of ``argv`` before ``main`` sees it) or ``CSGR_DEBUG=1`` lets the exception through, with
+its traceback. Every other exception is a bug and keeps its traceback. Known user errors are:
+
+* always (:data:`ALWAYS_USER_ERRORS`): :class:`CliError` (a tool's own argument checks),
+  :class:`~csgr_distill.data.errors.DatasetNotFoundError`,
+  :class:`~csgr_distill.data.errors.DatasetNotRegisteredError`, ``FileNotFoundError`` (a config,
+  checkpoint or image path that does not exist);
+* :data:`ORIGIN_USER_ERRORS` (``ValueError``, ``KeyError``, ``AssertionError``,
+  ``RuntimeError``, ``LookupError``) when raised in this project's own code or in the config and
+  checkpoint machinery (:data:`USER_ERROR_MODULES`: ``csgr_distill``, ``yacs``,
+  ``detectron2.config``, fvcore's config, registry and checkpointer): e.g. the teacher checks
+  (missing/mismatched teacher yaml or weights, keys named), an unknown ``MODEL.DISTILL.METHODS``
+  entry, yacs's "Non-existent config key", an unregistered ``MODEL.META_ARCHITECTURE``, fvcore's
+  "Checkpoint ... not found". The same types raised inside torch or detectron2's models (a shape
+  error, an out-of-memory) are bugs or resource problems and keep their traceback.
+
+Multi-process training (``launch`` with more than one process): :class:`ReportUserErrors` wraps
+the worker's ``main`` so a worker prints the message itself and exits with code 2; the parent's
+``run_cli`` then turns torch's ``ProcessExitedException`` (exit code 2) into one line pointing at
+it.
+
+Progress. :func:`run_logged` runs a command, writes its whole output to a log file and echoes the
+lines :data:`PROGRESS_PATTERN` matches -- detectron2's periodic ``CommonMetricPrinter`` lines
+(``eta: ... iter: N  total_loss: ...``) and its evaluation progress (``Inference done 11/300 ...
+ETA=...``) -- to the console as they come.
+"""
+import os
+import re
+import subprocess
+import sys
+from typing import Callable, List, Optional, Sequence
+
+from .data.errors import DatasetNotFoundError, DatasetNotRegisteredError
+
+__all__ = [
+    "ALWAYS_USER_ERRORS",
+    "CliError",
+    "ORIGIN_USER_ERRORS",
+    "PROGRESS_PATTERN",
+    "ReportUserErrors",
+    "USER_ERROR_EXIT",
+    "USER_ERROR_MODULES",
+    "add_debug_argument",
+    "check_file",
+    "debug_enabled",
+    "progress_line",
+    "run_cli",
+    "run_logged",
+    "user_error_message",
+]
+
+#: exit code of a known user error
+USER_ERROR_EXIT = 2
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "CSGR_DEBUG"
+
+
+class CliError(Exception):
+    """A tool's own check of its arguments failed; the message says what to change."""
+
+
+#: user errors wherever they are raised
+ALWAYS_USER_ERRORS = (CliError, DatasetNotFoundError, DatasetNotRegisteredError, FileNotFoundError)
+#: user errors when raised in one of :data:`USER_ERROR_MODULES`
+ORIGIN_USER_ERRORS = (ValueError, KeyError, AssertionError, RuntimeError, LookupError)
+#: modules (and their submodules) whose ORIGIN_USER_ERRORS are messages for the user
+USER_ERROR_MODULES = ("csgr_distill", "yacs", "detectron2.config", "fvcore.common.config",
+                      "fvcore.common.registry", "fvcore.common.checkpoint")
+
+
+def _raised_in(exc: BaseException) -> str:
+    """``__name__`` of the module whose code raised ``exc`` (its traceback's last frame)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__", "") or ""
+
+
+def _in_modules(module: str, prefixes: Sequence[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+#: (pattern, what to add) for messages of other libraries that do not say what to do
+_HINTS = (
+    (re.compile(r"^Non-existent (config )?key"),
+     "; no config has that key: check its spelling (detectron2's keys: detectron2/config/"
+     "defaults.py; this project's: projects/csgr_distill/config.py)"),
+)
+
+
+def _text(exc: BaseException) -> str:
+    # KeyError's str() is the repr of its argument ('...' with quotes and escaped newlines)
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        text = exc.args[0]
+    else:
+        text = str(exc)
+    text = text.strip() or type(exc).__name__
+    for pattern, hint in _HINTS:
+        if pattern.search(text):
+            text += hint
+    return text
+
+
+def user_error_message(exc: BaseException) -> Optional[str]:
+    """The message to print for a known user error (module docstring), else None."""
+    if isinstance(exc, ALWAYS_USER_ERRORS):
+        return _text(exc)
+    if isinstance(exc, ORIGIN_USER_ERRORS) and _in_modules(_raised_in(exc), USER_ERROR_MODULES):
+        return _text(exc)
+    exited = _worker_exit(exc)
+    if exited is not None:
+        return exited
+    return None
+
+
+def _worker_exit(exc: BaseException) -> Optional[str]:
+    try:
+        from torch.multiprocessing import ProcessExitedException
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(exc, ProcessExitedException) and exc.exit_code == USER_ERROR_EXIT:
+        return (f"training process {exc.error_index} stopped on the error printed above "
+                f"(exit code {USER_ERROR_EXIT})")
+    return None
+
+
+def check_file(path: str, flag: str = "--config-file", what: str = "a yaml config") -> str:
+    """``path`` if it is a file, else FileNotFoundError naming ``flag``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path!r} does not exist (working directory "
+                                f"{os.getcwd()!r}); give {what}")
+    return path
+
+
+def debug_enabled(argv: Sequence[str] = ()) -> bool:
+    """``--debug`` in ``argv`` or ``CSGR_DEBUG`` set to a true value (1, true, yes)."""
+    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
+
+
+def add_debug_argument(parser):
+    """Document ``--debug`` in a tool's ``--help`` (``run_cli`` handles it before parsing)."""
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="show the full traceback of an error (also: CSGR_DEBUG=1)")
+    return parser
+
+
+def _print_error(message: str, hint: bool = True) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"(the traceback: run again with {DEBUG_FLAG}, or with {DEBUG_ENV}=1)",
+              file=sys.stderr)
+    sys.stderr.flush()
+
+
+def run_cli(main: Callable[[List[str]], object], argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``main(argv)`` (``argv`` default ``sys.argv[1:]``, without ``--debug``) and return the
+    exit code: 0, or :data:`USER_ERROR_EXIT` after printing a known user error (module
+    docstring). In debug mode (``--debug``, ``CSGR_DEBUG=1``) every exception propagates, and
+    ``CSGR_DEBUG=1`` is set while ``main`` runs, for the processes it starts."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled(argv)
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    if debug:
+        before = os.environ.get(DEBUG_ENV)
+        os.environ[DEBUG_ENV] = "1"  # for the processes main starts (workers, tools)
+        try:
+            main(argv)
+        finally:
+            if before is None:
+                del os.environ[DEBUG_ENV]
+            else:
+                os.environ[DEBUG_ENV] = before
+        return 0
+    try:
+        main(argv)
+    except Exception as e:  # noqa: BLE001  (sorted below; the rest is re-raised)
+        message = user_error_message(e)
+        if message is None:
+            raise
+        _print_error(message, hint=_worker_exit(e) is None)  # a worker printed the hint
+        return USER_ERROR_EXIT
+    return 0
+
+
+class ReportUserErrors:
+    """``fn`` for a worker process of ``launch``: a known user error is printed there (``error:
+    ...``) and the worker exits with :data:`USER_ERROR_EXIT`, which the parent's ``run_cli``
+    reports in one line; other exceptions propagate (torch prints their traceback). Picklable
+    when ``fn`` is a module-level function."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        if debug_enabled():
+            return self.fn(*args, **kwargs)
+        try:
+            return self.fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            message = user_error_message(e)
+            if message is None:
+                raise
+            _print_error(message)
+            sys.stdout.flush()
+            os._exit(USER_ERROR_EXIT)  # no traceback from torch's worker wrapper
+
+
+# ------------------------------------------------------------------------------------------------
+# progress of training subprocesses
+# ------------------------------------------------------------------------------------------------
+#: detectron2's periodic training line (CommonMetricPrinter: "eta: 0:01:02  iter: 19  total_loss:
+#: ...", "eta:" absent while unknown) and evaluation progress ("Inference done 11/300. ... ETA=")
+PROGRESS_PATTERN = re.compile(r"(\biter: \d+\s.*\btotal_loss: )|(\bInference done \d+/\d+\b)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LOGGER_PREFIX = re.compile(r"^\[\d\d/\d\d \d\d:\d\d:\d\d [\w.@]+\]:\s*")
+
+
+def progress_line(line: str) -> Optional[str]:
+    """The console form of a log line that shows progress (:data:`PROGRESS_PATTERN`): without
+    the date and logger name, runs of spaces collapsed; None for other lines."""
+    line = _ANSI.sub("", line).rstrip()
+    if not PROGRESS_PATTERN.search(line):
+        return None
+    return re.sub(r"\s{2,}", "  ", _LOGGER_PREFIX.sub("", line))
+
+
+def run_logged(cmd: Sequence[str], log_path: str, cwd: Optional[str] = None,
+               echo: Optional[Callable[[str], None]] = None, indent: str = "      ") -> int:
+    """Run ``cmd``, write all its output (stdout and stderr) to ``log_path`` as it comes, and pass
+    each progress line (:func:`progress_line`) to ``echo`` (default: print it, indented, to
+    stdout) while the command runs. Returns the exit code."""
+    if echo is None:
+        def echo(text):
+            print(indent + text, flush=True)
+    log_dir = os.path.dirname(log_path)
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+                                errors="replace")
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                shown = progress_line(line)
+                if shown is not None:
+                    echo(shown)
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            proc.stdout.close()
+            proc.wait()
+    return proc.returncode
