@@ -22,6 +22,7 @@ import time
 import csgr_distill  # noqa: F401  (registers distillers, meta-architectures, datasets)
 from csgr_distill.benchmark import gain, kernels, overhead
 from csgr_distill.cli import add_debug_argument, run_cli
+from csgr_distill.data import add_dataset_arguments, pipeline_overrides
 from csgr_distill.teacher import REPO_ROOT
 
 
@@ -46,6 +47,18 @@ def parse_args(argv=None):
                    help="an extra student run with these config overrides (repeatable), e.g. "
                         "--variant 'CSGR weights x4=MODEL.DISTILL.CSGR.ALPHA 2e-3 "
                         "MODEL.DISTILL.CSGR.BETA 4e-5'")
+    add_dataset_arguments(g)
+    g.add_argument("--train", default=None, metavar="NAME",
+                   help="train teacher and students on this dataset (default shapes_train); the "
+                        "class count follows its classes")
+    g.add_argument("--test", default=None, metavar="NAME",
+                   help="evaluate on this dataset (default shapes_val)")
+    g.add_argument("--no-teacher-check", action="store_true",
+                   help="skip the teacher check (after the first baseline run: a loud warning "
+                        "when the teacher does not beat the baseline student)")
+    g.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE",
+                   help="overrides for every run (teacher and students), e.g. --opts "
+                        "INPUT.FIXED_SIZE 256")
     o = p.add_argument_group("overhead / kernels")
     o.add_argument("--height", type=int, default=None,
                    help="input height (default: overhead 512, kernels 800)")
@@ -89,7 +102,10 @@ def main(argv=None):
                      teacher_iters=args.teacher_iters, teacher_weights=args.teacher_weights,
                      methods=args.methods,
                      variants=dict(gain.parse_variant(v) for v in args.variant),
-                     command=command, progress=log)
+                     command=command, progress=log,
+                     data_opts=pipeline_overrides(args.register_dataset, args.train, args.test)
+                     + list(args.opts),
+                     check_teacher=not args.no_teacher_check)
         log(f"{part} done -> {os.path.join(args.results, part)}.md")
         print(open(os.path.join(args.results, f"{part}.md")).read())
 

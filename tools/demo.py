@@ -1,9 +1,17 @@
 #!/usr/bin/env python
 """The embedded default, end to end on the CPU (behind ``make demo``).
 
-generate shapes -> train teacher -> train baseline student -> train CSGR student (same
-iterations) -> evaluate all three (--eval-only; the CSGR student through its exported plain
-checkpoint) -> table (markdown + json), bar chart, visualizations, all under ``output/demo/``.
+generate shapes -> train teacher -> train baseline student -> evaluate both and check that the
+teacher beats the baseline (a loud warning with both numbers when it does not) -> train CSGR
+student (same iterations) -> evaluate it (--eval-only, through its exported plain checkpoint) ->
+table (markdown + json), bar chart, visualizations, all under ``output/demo/``.
+
+Your own data instead of the shapes (the class count follows ``--train``; give the input size of
+your images with ``INPUT.FIXED_SIZE``; every trailing ``KEY VALUE`` goes to every model)::
+
+    tools/demo.py --register-dataset mine_train=coco:data/train.json:data/images \
+        --register-dataset mine_val=voc:data/VOC:val --train mine_train --test mine_val \
+        INPUT.FIXED_SIZE 256
 
 Every stage is a call of the project's own command-line tools, so the demo exercises exactly
 what a user runs. One progress line per stage, with elapsed time and ETA; while a stage trains or
@@ -14,7 +22,6 @@ message and the log's path.
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -40,19 +47,15 @@ MODELS = {
                            "student-RetinaNet-R18.yaml"),
 }
 #: rough relative cost of each stage on the 2-core reference machine (seconds), for the ETA only
-STAGE_COST = {"data": 10, "teacher": 550, "baseline": 130, "csgr": 170, "eval": 45, "report": 15}
-
-
-#: shown for a metric without a value (COCO's APl when no object is large)
-NO_VALUE = "—"
-NO_VALUE_NOTE = f"{NO_VALUE} : no objects of that size in the validation set"
+STAGE_COST = {"data": 10, "teacher": 550, "baseline": 130, "check": 30, "csgr": 170, "eval": 15,
+              "report": 15}
 
 
 def fmt_metric(value) -> str:
-    """``12.34``, or :data:`NO_VALUE` for a metric without a value (None, NaN)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return NO_VALUE
-    return f"{value:.2f}"
+    """``12.34``, or ``—`` for a metric without a value (None, NaN)."""
+    from csgr_distill.benchmark.common import number_cell
+
+    return number_cell(value, ".2f")
 
 
 def fmt(seconds: float) -> str:
@@ -104,8 +107,8 @@ def run_tool(args, log_path):
 
 def train(config, opts, log_name):
     # No evaluation during training: the eval stage evaluates every model the same way.
-    run_tool(["tools/train_net.py", "--config-file", os.path.join(DEMO_CFG, config),
-              "DATASETS.TEST", "()"] + opts, os.path.join("output/demo/logs", log_name + ".log"))
+    run_tool(["tools/train_net.py", "--config-file", os.path.join(DEMO_CFG, config)] + opts
+             + ["DATASETS.TEST", "()"], os.path.join("output/demo/logs", log_name + ".log"))
 
 
 def evaluate(name, opts):
@@ -119,7 +122,7 @@ def evaluate(name, opts):
         return json.load(f)["bbox"]
 
 
-def write_report(results, out_dir, iters):
+def write_report(results, out_dir, iters, train_set="shapes_train", test_set="shapes_val"):
     """Markdown + json table and a bar chart; returns the markdown."""
     import matplotlib
 
@@ -127,24 +130,27 @@ def write_report(results, out_dir, iters):
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from csgr_distill.benchmark.common import NO_VALUE
+    from csgr_distill.benchmark.common import missing as missing_value
+
     names = list(results)
     lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(fmt_metric(results[n].get(m)) for m in METRICS)
                      + " |")
-    missing = any(fmt_metric(results[n].get(m)) == NO_VALUE for n in names for m in METRICS)
+    missing = any(missing_value(results[n].get(m)) for n in names for m in METRICS)
     base, csgr = results["student R18 (baseline)"], results["student R18 + CSGR"]
     teacher = results["teacher R18-wide"]
     gap = teacher["AP"] - base["AP"]
     closed = (csgr["AP"] - base["AP"]) / gap * 100 if abs(gap) > 1e-9 else None
     lines.append("")
     if missing:
-        lines += [NO_VALUE_NOTE, ""]
+        lines += [f"{NO_VALUE} : no value (no objects of that size in the validation set)", ""]
     share = f"{closed:.0f}% of" if closed is not None else "no share of"
     lines.append(f"CSGR gain over the baseline student: {csgr['AP'] - base['AP']:+.2f} AP "
                  f"({share} the teacher-student gap of {gap:.2f} AP); "
-                 f"students trained {iters} iterations each on shapes_train, evaluated on "
-                 "shapes_val.")
+                 f"students trained {iters} iterations each on {train_set}, evaluated on "
+                 f"{test_set}.")
     md = "\n".join(lines)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(md + "\n")
@@ -160,9 +166,9 @@ def write_report(results, out_dir, iters):
         values = [results[n].get(m) for m in METRICS]
         ax.bar(x + (i - (len(names) - 1) / 2) * width,
                [float("nan") if v is None else v for v in values], width, label=n)
-    ax.set_xticks(x, [m if any(fmt_metric(results[n].get(m)) != NO_VALUE for n in names)
+    ax.set_xticks(x, [m if any(not missing_value(results[n].get(m)) for n in names)
                       else f"{m}\n({NO_VALUE}: no objects)" for m in METRICS])
-    ax.set_ylabel("COCO metric on shapes_val")
+    ax.set_ylabel(f"metric on {test_set}")
     ax.set_title("Demo: teacher vs baseline student vs CSGR-distilled student")
     ax.legend()
     fig.tight_layout()
@@ -173,6 +179,7 @@ def write_report(results, out_dir, iters):
 
 def main(argv=None):
     from csgr_distill.cli import add_debug_argument
+    from csgr_distill.data import add_dataset_arguments
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,39 +187,70 @@ def main(argv=None):
                         help="override SOLVER.MAX_ITER of the teacher (default: its config)")
     parser.add_argument("--student-iters", type=int, default=None,
                         help="override SOLVER.MAX_ITER of both students (default: their config)")
+    add_dataset_arguments(parser)
+    parser.add_argument("--train", default=None, metavar="NAME",
+                        help="train every model on this dataset (default shapes_train); the class "
+                             "count follows its classes")
+    parser.add_argument("--test", default=None, metavar="NAME",
+                        help="evaluate and draw on this dataset (default shapes_val)")
+    parser.add_argument("--no-teacher-check", action="store_true",
+                        help="skip the teacher check (before distilling: a loud warning when the "
+                             "teacher does not beat the baseline student)")
     add_debug_argument(parser)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="KEY VALUE overrides for every model, e.g. INPUT.FIXED_SIZE 256")
     args = parser.parse_args(argv)
     os.chdir(REPO)
     out_dir = "output/demo"
     os.makedirs(out_dir, exist_ok=True)
 
     def iters_opts(n):
-        # keep the lr steps at the same fractions of the schedule
-        return [] if n is None else ["SOLVER.MAX_ITER", str(n), "SOLVER.STEPS",
-                                     f"({int(n * 0.8)}, {int(n * 0.95)})"]
+        # the lr steps at the same fractions of the schedule (csgr_distill.config.scale_schedule)
+        return [] if n is None else ["SOLVER.MAX_ITER", str(n), "SOLVER.STEPS", "(0.8, 0.95)"]
 
-    stages = ["data", "teacher", "baseline", "csgr", "eval", "report"]
+    stages = ["data", "teacher", "baseline", "check", "csgr", "eval", "report"]
     progress = Progress(stages)
+    common = []
 
     def data():
-        import csgr_distill.data  # noqa: F401
+        import csgr_distill.data as D
         from detectron2.data import DatasetCatalog
 
-        return {s: len(DatasetCatalog.get(f"shapes_{s}")) for s in ("train", "val")}
+        common[:] = D.pipeline_overrides(args.register_dataset, args.train, args.test) + list(
+            args.opts)
+        return {s: len(DatasetCatalog.get(n)) for s, n in (("train", train_set), ("val", test_set))}
 
-    sizes = progress.run("data", "generate synthetic shapes", data)
-    print(f"      shapes_train: {sizes['train']} images, shapes_val: {sizes['val']} images")
+    train_set, test_set = args.train or "shapes_train", args.test or "shapes_val"
+    sizes = progress.run("data", "register / generate the data", data)
+    print(f"      {train_set}: {sizes['train']} images, {test_set}: {sizes['val']} images")
     progress.run("teacher", "train teacher (RetinaNet R18-FPN, wide FPN and head)",
-                 lambda: train(MODELS["teacher R18-wide"][0], iters_opts(args.teacher_iters),
-                               "teacher"))
+                 lambda: train(MODELS["teacher R18-wide"][0],
+                               common + iters_opts(args.teacher_iters), "teacher"))
     progress.run("baseline", "train baseline student (RetinaNet R18-FPN)",
                  lambda: train(MODELS["student R18 (baseline)"][0],
-                               iters_opts(args.student_iters), "student_baseline"))
+                               common + iters_opts(args.student_iters), "student_baseline"))
+    results = {}
+
+    def check():
+        for name in ("teacher R18-wide", "student R18 (baseline)"):
+            results[name] = evaluate(name, common)
+        if not args.no_teacher_check:
+            from csgr_distill.config import load_config
+            from csgr_distill.teacher import teacher_check
+
+            cfg = load_config(os.path.join(DEMO_CFG, MODELS["student R18 + CSGR"][0]), common,
+                              check_steps=False)
+            teacher_check(cfg, baseline_ap=results["student R18 (baseline)"]["AP"],
+                          teacher_ap=results["teacher R18-wide"]["AP"], dataset_name=test_set)
+
+    progress.run("check", f"evaluate teacher and baseline on {test_set}, teacher check", check)
     progress.run("csgr", "train CSGR student (RetinaNet R18-FPN <- wide R18 teacher)",
-                 lambda: train(MODELS["student R18 + CSGR"][0], iters_opts(args.student_iters),
-                               "student_csgr"))
-    results = progress.run("eval", "evaluate all three on shapes_val (--eval-only)",
-                           lambda: {n: evaluate(n, []) for n in MODELS})
+                 lambda: train(MODELS["student R18 + CSGR"][0],
+                               common + iters_opts(args.student_iters), "student_csgr"))
+    progress.run("eval", f"evaluate the CSGR student on {test_set} (--eval-only)",
+                 lambda: results.update({"student R18 + CSGR": evaluate("student R18 + CSGR",
+                                                                        common)}))
+    results = {n: results[n] for n in MODELS}
 
     def report():
         from csgr_distill.config import add_distill_config  # noqa: F401
@@ -222,7 +260,7 @@ def main(argv=None):
         add_distill_config(cfg)
         cfg.merge_from_file(os.path.join(DEMO_CFG, "student-RetinaNet-R18.yaml"))
         iters = args.student_iters or cfg.SOLVER.MAX_ITER
-        md = write_report(results, out_dir, iters)
+        md = write_report(results, out_dir, iters, train_set, test_set)
         # ground truth | teacher | student, each model's 10 best boxes >= 0.05 (the students'
         # scores are low: a fixed 0.4 threshold would show nothing), CSGR's attention maps;
         # then the same images for the baseline student, to compare
@@ -232,9 +270,9 @@ def main(argv=None):
                 ("student-RetinaNet-R18.yaml", "output/demo/student_baseline/model_final.pth",
                  os.path.join("vis", "baseline"), "visualize_baseline")):
             run_tool(["tools/visualize.py", "--config-file", os.path.join(DEMO_CFG, config),
-                      "--weights", weights, "--dataset", "shapes_val", "--num-images", "3",
+                      "--weights", weights, "--dataset", test_set, "--num-images", "3",
                       "--top-k", "10", "--score-floor", "0.05",
-                      "--output", os.path.join(out_dir, vis_dir)],
+                      "--output", os.path.join(out_dir, vis_dir)] + common,
                      os.path.join(out_dir, "logs", log + ".log"))
         return md
 

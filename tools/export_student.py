@@ -27,11 +27,11 @@ import os
 import sys
 
 import torch
-from detectron2.config import get_cfg
 
 import csgr_distill  # noqa: F401  (registers the Distill* meta-architectures)
-from csgr_distill.cli import add_debug_argument, check_file, run_cli
-from csgr_distill.config import add_distill_config
+from csgr_distill.cli import add_debug_argument, run_cli
+from csgr_distill.config import load_config
+from csgr_distill.data import add_dataset_arguments
 from csgr_distill.export import export_student, export_torchscript
 
 
@@ -48,14 +48,13 @@ def main(argv=None):
                         help="torchscript: the image to trace and check with (default: the first "
                              "of DATASETS.TEST[0], else a random image of the test size)")
     add_debug_argument(parser)
+    add_dataset_arguments(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="KEY VALUE overrides of --config-file")
     args = parser.parse_args(argv)
     cfg = None
     if args.config_file:
-        cfg = add_distill_config(get_cfg())
-        cfg.merge_from_file(check_file(args.config_file))
-        cfg.merge_from_list(args.opts)
+        cfg = load_config(args.config_file, args.opts, args.register_dataset, check_steps=False)
     elif args.opts:
         parser.error("KEY VALUE overrides need --config-file")
     elif args.format == "torchscript":

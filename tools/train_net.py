@@ -4,10 +4,17 @@
     tools/train_net.py --config-file configs/CSGR-RetinaNet-R50.yaml [--num-gpus 8] [KEY VALUE ...]
     tools/train_net.py --config-file configs/CSGR-RetinaNet-R50.yaml --eval-only MODEL.WEIGHTS m.pth
     tools/train_net.py --config-file ... --resume          # continue from OUTPUT_DIR/last_checkpoint
+    tools/train_net.py --config-file CONFIG --register-dataset mine_train=coco:train.json:images \
+        --register-dataset mine_val=voc:VOC:val DATASETS.TRAIN "('mine_train',)" ...
+    tools/train_net.py --config-file CSGR.yaml --teacher-check output/baseline  # teacher vs baseline
 
 Every ``DATASETS.TRAIN``/``DATASETS.TEST`` name is checked (registered, files on disk) before
 anything is trained or evaluated. A distillation run ends with
-``OUTPUT_DIR/model_final_student.{pth,yaml}``, a plain detectron2 checkpoint and config.
+``OUTPUT_DIR/model_final_student.{pth,yaml}``, a plain detectron2 checkpoint and config, and
+every training run with its final evaluation in ``OUTPUT_DIR/eval_results.json`` (``tools/compare.py``
+tabulates runs). The config is read by :func:`csgr_distill.config.load_config`: the user's own
+datasets (``DATASETS.REGISTER`` or ``--register-dataset``, given before the ``KEY VALUE``
+overrides), ``INPUT.FIXED_SIZE``, steps as fractions of ``SOLVER.MAX_ITER``.
 
 ``--eval-only`` builds the student with ``MODEL.DISTILL.ENABLED False``: nothing of the teacher is
 read (neither its yaml nor its weights), and the ``distillers.*`` tensors of a training checkpoint
@@ -27,25 +34,23 @@ import math
 import os
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import csgr_distill  # noqa: F401  (registers meta-architectures, distillers, datasets)
-from csgr_distill.cli import ReportUserErrors, add_debug_argument, check_file, run_cli
-from csgr_distill.config import add_distill_config
+from csgr_distill.cli import ReportUserErrors, add_debug_argument, run_cli
+from csgr_distill.config import load_config
+from csgr_distill.data import add_dataset_arguments
 from csgr_distill.data.errors import check_datasets
 from csgr_distill.engine import DistillTrainer
 from csgr_distill.export import StudentCheckpointer
+from csgr_distill.teacher import read_metric, teacher_check
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_distill_config(cfg)
-    cfg.merge_from_file(check_file(args.config_file))
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts, args.register_dataset)
     cfg.freeze()
     default_setup(cfg, args)
     # this project's own info lines (exports, dropped tensors) on the console and in
@@ -89,20 +94,55 @@ def main(args):
         res = DistillTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
-            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-            with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
-                json.dump(strict_json(res), f, indent=2, allow_nan=False)
+            write_eval_results(cfg, res)
         return res
+    if args.teacher_check is not None:
+        run_teacher_check(cfg, args.teacher_check)
     trainer = DistillTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    trainer.train()
+    # detectron2 returns the final evaluation only with TEST.EXPECTED_RESULTS; it keeps it here
+    res = getattr(trainer, "_last_eval_results", None)
+    if comm.is_main_process() and res:
+        write_eval_results(cfg, res)  # the final evaluation, as --eval-only writes it
+    return res
+
+
+def write_eval_results(cfg, res):
+    """``OUTPUT_DIR/eval_results.json``: the evaluation results, strict JSON."""
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
+        json.dump(strict_json(res), f, indent=2, allow_nan=False)
+
+
+def run_teacher_check(cfg, baseline: str):
+    """``--teacher-check [BASELINE]``: evaluate the teacher on ``DATASETS.TEST[0]`` before
+    training and warn loudly when it does not beat ``BASELINE`` (the baseline student's bbox AP:
+    a number, its ``eval_results.json`` or the OUTPUT_DIR holding it)."""
+    if not cfg.MODEL.DISTILL.ENABLED:
+        raise ValueError("--teacher-check needs a distillation config (MODEL.DISTILL.ENABLED "
+                         "True with a teacher); this config trains without a teacher")
+    baseline_ap = None
+    if baseline:
+        try:
+            baseline_ap = float(baseline)
+        except ValueError:
+            baseline_ap = read_metric(baseline)
+    if comm.is_main_process():
+        teacher_check(cfg, baseline_ap=baseline_ap)
 
 
 def cli(argv=None):
     """Parse ``argv`` and train or evaluate; exceptions propagate (``run_cli`` turns the known
     user errors into one message). With more than one process each worker reports its own user
     error (``ReportUserErrors``) and exits with code 2."""
-    args = add_debug_argument(default_argument_parser()).parse_args(argv)
+    parser = add_dataset_arguments(add_debug_argument(default_argument_parser()))
+    parser.add_argument(
+        "--teacher-check", nargs="?", const="", default=None, metavar="BASELINE",
+        help="before distilling, evaluate the teacher on DATASETS.TEST[0] and warn loudly when "
+             "it does not beat BASELINE: the baseline student's bbox AP, its eval_results.json "
+             "or its OUTPUT_DIR (without BASELINE: the teacher's AP is logged)")
+    args = parser.parse_args(argv)
     print("Command Line Args:", args)
     processes = args.num_gpus * args.num_machines
     return launch(

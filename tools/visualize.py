@@ -14,6 +14,9 @@ each image ``<stem>`` (its file name without extension), writes PNGs:
         --weights output/demo/student_csgr/model_final.pth --dataset shapes_val --output vis/
     tools/visualize.py --config-file configs/demo/student-RetinaNet-R18.yaml \\
         --weights output/demo/student_baseline/model_final.pth --images 0,7,000012.png --output vis/
+    tools/visualize.py --config-file configs/own-data/CSGR-RetinaNet-R50.yaml \
+        --weights output/own-data/csgr/model_final.pth \
+        --register-dataset mydata_val=voc:/data/MyVOC:val --dataset mydata_val --output vis/
 
 ``--weights``: the student's checkpoint: a training checkpoint (``model_final.pth``; it holds the
 distiller's learned parts, which the attention pictures need) or an exported plain student. The
@@ -31,7 +34,6 @@ import cv2
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -40,8 +42,9 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.visualizer import Visualizer
 
 import csgr_distill  # noqa: F401  (registrations)
-from csgr_distill.cli import CliError, add_debug_argument, check_file, run_cli
-from csgr_distill.config import add_distill_config
+from csgr_distill.cli import CliError, add_debug_argument, run_cli
+from csgr_distill.config import load_config
+from csgr_distill.data import add_dataset_arguments
 from csgr_distill.data.errors import check_datasets
 from csgr_distill.export import StudentCheckpointer
 from csgr_distill.teacher import FrozenTeacher, build_teacher_cfg
@@ -76,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--min-display-size", type=int, default=320,
                    help="small images are enlarged to at least this short side for drawing")
     add_debug_argument(p)
+    add_dataset_arguments(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     args = p.parse_args(argv)
     if args.score_floor < 0 or args.score_floor > 1:
@@ -208,10 +212,7 @@ def build_models(cfg, weights: str, use_teacher: bool, notes: List[str]):
 # ------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    cfg = get_cfg()
-    add_distill_config(cfg)
-    cfg.merge_from_file(check_file(args.config_file))
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts, args.register_dataset, check_steps=False)
     cfg.freeze()
     if not PathManager.exists(args.weights):
         raise FileNotFoundError(f"--weights {args.weights!r} does not exist: give the student's "

@@ -5,7 +5,9 @@ fractions of ``SOLVER.MAX_ITER``) and the functions that apply them:
 * :func:`merge_command_line` -- ``cfg.merge_from_list(opts)`` with a clear error for the common
   ``MODEL.DISTILL.TEACHER.OPTS KEY VALUE`` mistake;
 * :func:`apply_derived_keys` -- ``INPUT.FIXED_SIZE`` and fractional ``SOLVER.STEPS`` into the keys
-  detectron2 reads (call it after every merge, before ``cfg.freeze()``).
+  detectron2 reads (call it after every merge, before ``cfg.freeze()``);
+* :func:`load_config` -- all of it in the order every tool uses: yaml, ``KEY VALUE`` overrides,
+  ``--register-dataset`` entries, registration, derived keys.
 """
 import ast
 import logging
@@ -108,6 +110,31 @@ def add_data_config(cfg):
         # S x S). 0: those four keys as given.
         cfg.INPUT.FIXED_SIZE = 0
     return cfg
+
+
+def load_config(config_file: str, opts: Sequence[str] = (), register: Sequence[str] = (),
+                check_steps: bool = True):
+    """The (unfrozen) config of a tool: ``get_cfg()`` with the project's keys, ``config_file``,
+    the ``KEY VALUE`` overrides ``opts`` (:func:`merge_command_line`), the ``--register-dataset``
+    values ``register`` (``NAME=FORMAT:PATH[:PATH...]``; they replace entries of the same name),
+    the ``DATASETS.REGISTER`` datasets registered, then :func:`apply_derived_keys`.
+
+    Raises:
+        FileNotFoundError: ``config_file`` does not exist (naming ``--config-file``).
+        ValueError (and the dataset errors of :mod:`csgr_distill.data.custom`): bad overrides,
+            entries, steps or input size, each naming the key and the fix.
+    """
+    from detectron2.config import get_cfg
+
+    from .cli import check_file
+    from .data.custom import register_from_cfg, replace_entries
+
+    cfg = add_distill_config(get_cfg())
+    cfg.merge_from_file(check_file(config_file))
+    merge_command_line(cfg, opts)
+    replace_entries(cfg, register)
+    register_from_cfg(cfg)
+    return apply_derived_keys(cfg, check_steps=check_steps)
 
 
 # ------------------------------------------------------------------------------------------------

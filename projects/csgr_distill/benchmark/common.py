@@ -1,6 +1,7 @@
 """What every benchmark part shares: machine description, timing, result files."""
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -70,6 +71,21 @@ def time_calls(fn: Callable[[], object], device: str, repeats: int, warmup: int)
 
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
+
+
+#: a table cell without a number (an AP of a size no object has, a std over one seed, a share
+#: of a gap that is not positive); each table says which in a footnote
+NO_VALUE = "—"
+
+
+def missing(x) -> bool:
+    """None or NaN: a number that does not exist."""
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def number_cell(x, spec: str = ".2f") -> str:
+    """``format(x, spec)``, or :data:`NO_VALUE` for None/NaN."""
+    return NO_VALUE if missing(x) else format(x, spec)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

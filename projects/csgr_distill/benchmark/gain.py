@@ -25,16 +25,16 @@ progress lines and the markdown (a "cached runs" footnote and the teacher line).
 """
 import hashlib
 import json
-import math
 import os
 import shlex
 import statistics
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..distillers import registered_distillers
 from ..teacher import REPO_ROOT
-from .common import header_lines, machine_info, markdown_table, method_variants, write_results
+from .common import (NO_VALUE, header_lines, machine_info, markdown_table, method_variants,
+                     missing, number_cell, write_results)
 
 TEACHER_CFG = "configs/demo/teacher-RetinaNet-R18-wide.yaml"
 STUDENT_CFG = "configs/demo/CSGR-RetinaNet-R18.yaml"
@@ -79,21 +79,19 @@ def parse_variant(text: str) -> Tuple[str, List[str]]:
     return label.strip(), opts
 
 
-def student_cfg():
-    """The students' config as ``train_net.py`` reads it (before per-run overrides)."""
-    from detectron2.config import get_cfg
+def student_cfg(data_opts: Sequence[str] = ()):
+    """The students' config as ``train_net.py`` reads it (before per-run overrides), with the
+    ``data_opts`` of :func:`csgr_distill.data.pipeline_overrides`."""
+    from ..config import load_config
 
-    from ..config import add_distill_config
-
-    cfg = add_distill_config(get_cfg())
-    cfg.merge_from_file(os.path.join(REPO_ROOT, STUDENT_CFG))
-    return cfg
+    return load_config(os.path.join(REPO_ROOT, STUDENT_CFG), _opts_str(data_opts),
+                       check_steps=False)
 
 
-def check_overrides(plan: Dict[str, List]) -> None:
+def check_overrides(plan: Dict[str, List], base=None) -> None:
     """Fail before any training if a run's overrides are not valid keys/values of the student
     config (a typo in ``--variant`` would otherwise surface only after the teacher is trained)."""
-    base = student_cfg()
+    base = base if base is not None else student_cfg()
     for label, opts in plan.items():
         cfg = base.clone()
         try:
@@ -238,19 +236,16 @@ def _store(rdir: str, material: dict, result: dict) -> None:
 
 def teacher_cfg(opts: List):
     """The teacher's config as ``train_net.py`` reads it with ``opts``."""
-    from detectron2.config import get_cfg
+    from ..config import load_config
 
-    from ..config import add_distill_config
-
-    cfg = add_distill_config(get_cfg())
-    cfg.merge_from_file(os.path.join(REPO_ROOT, TEACHER_CFG))
-    cfg.merge_from_list(_opts_str(opts))
-    return cfg
+    return load_config(os.path.join(REPO_ROOT, TEACHER_CFG), _opts_str(opts), check_steps=False)
 
 
-def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: str) -> dict:
+def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: str,
+                  data_opts: Sequence[str] = ()) -> dict:
     """The teacher: trained here (``iters``, None: its config's) unless ``weights`` are given, and
-    evaluated; both steps are cached under keys (module docstring).
+    evaluated; both steps are cached under keys (module docstring). ``data_opts``: the data
+    overrides of every run (:func:`csgr_distill.data.pipeline_overrides`).
 
     Returns {"AP", "AP50", "AP75": float, "weights": path, "weights_sha1": str, "iters": int or
     None (given weights), "given": bool, "cached": bool (nothing was trained or evaluated now),
@@ -258,7 +253,7 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: 
     """
     info = {"given": bool(weights), "train_cached": None, "train_key": None, "iters": None}
     if not weights:
-        opts = ["DATASETS.TEST", "()"] + _schedule(iters)
+        opts = list(data_opts) + ["DATASETS.TEST", "()"] + _schedule(iters)
         cfg = teacher_cfg(opts)
         material = {"run": "teacher", "iters": int(cfg.SOLVER.MAX_ITER),
                     "overrides": _opts_str(opts), "config": _config_text(cfg), "code": code,
@@ -272,9 +267,10 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: 
             _store(tdir, material, {"weights": "model_final.pth"})
         info.update(train_cached=done, train_key=cache_key(material), iters=material["iters"])
     sha1 = file_sha1(weights)
-    opts = ["MODEL.WEIGHTS", weights]
+    opts = list(data_opts) + ["MODEL.WEIGHTS", weights]
     material = {"run": "teacher eval", "weights_sha1": sha1,
-                "config": _config_text(teacher_cfg([])), "code": code, "libraries": libraries()}
+                "config": _config_text(teacher_cfg(list(data_opts))), "code": code,
+                "libraries": libraries()}
     eval_dir = os.path.join(out, f"teacher_eval-{cache_key(material)}")
     metrics = _load_cached(eval_dir, material)
     info["eval_cached"] = metrics is not None
@@ -322,7 +318,7 @@ def _folder(label: str) -> str:
 
 
 def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iters: int,
-                eval_points: int, code: str, base_cfg=None) -> dict:
+                eval_points: int, code: str, base_cfg=None, data_opts: Sequence[str] = ()) -> dict:
     """One student run of ``iters`` iterations under the ``teacher`` of :func:`train_teacher`,
     from the cache (``<out>/runs/<label>/seed<seed>-<key>/final.json``) when its key material
     matches, else trained now.
@@ -330,8 +326,8 @@ def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iter
     Returns {"final": {AP, AP50, AP75}, "curve": [(iteration, {AP, AP50, AP75}), ...], "seed",
     "label", "iters", "key": str, "cached": bool}.
     """
-    base_cfg = base_cfg if base_cfg is not None else student_cfg()
-    run_opts = (["SEED", seed, "TEST.EVAL_PERIOD", max(1, iters // eval_points),
+    base_cfg = base_cfg if base_cfg is not None else student_cfg(data_opts)
+    run_opts = (_opts_str(data_opts) + ["SEED", seed, "TEST.EVAL_PERIOD", max(1, iters // eval_points),
                  "MODEL.DISTILL.TEACHER.WEIGHTS", teacher["weights"]] + _schedule(iters)
                 + _opts_str(opts))
     material = student_material(base_cfg, run_opts, opts, seed, iters, eval_points, teacher, code)
@@ -369,7 +365,8 @@ def summarize(teacher: dict, runs: Dict[str, List[dict]]) -> List[dict]:
     return rows
 
 
-def plot(out_dir: str, teacher: dict, rows: List[dict], runs: Dict[str, List[dict]]) -> None:
+def plot(out_dir: str, teacher: dict, rows: List[dict], runs: Dict[str, List[dict]],
+         test_set: str = "shapes_val") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -382,7 +379,7 @@ def plot(out_dir: str, teacher: dict, rows: List[dict], runs: Dict[str, List[dic
            color=["#999999"] + ["C%d" % i for i in range(len(rows) - 1)])
     ax.axhline(teacher["AP"], color="k", ls="--", lw=1, label=f"teacher {teacher['AP']:.1f}")
     ax.set_xticks(x, [r["method"] for r in rows], rotation=20, ha="right")
-    ax.set_ylabel("AP on shapes_val (mean ± std over seeds)")
+    ax.set_ylabel(f"AP on {test_set} (mean ± std over seeds)")
     lo = min(r["AP"] - 2 * (r["AP_std"] or 0) for r in rows)
     ax.set_ylim(max(0, lo - 2), max(teacher["AP"], max(r["AP"] for r in rows)) + 2)
     ax.legend()
@@ -400,29 +397,16 @@ def plot(out_dir: str, teacher: dict, rows: List[dict], runs: Dict[str, List[dic
         ax.fill_between(iters, mean - std, mean + std, alpha=0.15, color=color)
     ax.axhline(teacher["AP"], color="k", ls="--", lw=1, label="teacher")
     ax.set_xlabel("student iteration")
-    ax.set_ylabel("AP on shapes_val")
+    ax.set_ylabel(f"AP on {test_set}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "gain_curves.png"), dpi=120)
     plt.close(fig)
 
 
-#: a table cell without a number (a std over one seed, a share of a gap that is not positive)
-NO_VALUE = "—"
-
-
-def _missing(x) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
-
-
-def number_cell(x, spec: str) -> str:
-    """``format(x, spec)``, or :data:`NO_VALUE` for None/NaN."""
-    return NO_VALUE if _missing(x) else format(x, spec)
-
-
 def mean_std_cell(mean, std) -> str:
     """``7.68 ± 0.61``; ``7.68 ± —`` for a std over one seed; :data:`NO_VALUE` without a mean."""
-    if _missing(mean):
+    if missing(mean):
         return NO_VALUE
     return f"{mean:.2f} ± {number_cell(std, '.2f')}"
 
@@ -431,11 +415,11 @@ def table_note(rows: List[dict]) -> str:
     """What a :data:`NO_VALUE` in the table means (an empty string when there is none), followed
     by a blank line."""
     notes = []
-    if any(_missing(r[m + "_std"]) and not _missing(r[m]) for r in rows for m in METRICS):
+    if any(missing(r[m + "_std"]) and not missing(r[m]) for r in rows for m in METRICS):
         notes.append(f"{NO_VALUE} after ±: one seed, no standard deviation")
-    if any(_missing(r[m]) for r in rows for m in METRICS):
+    if any(missing(r[m]) for r in rows for m in METRICS):
         notes.append(f"{NO_VALUE} : no value (no objects of that size in the validation set)")
-    if any(_missing(r["gap_closed_percent"]) for r in rows):
+    if any(missing(r["gap_closed_percent"]) for r in rows):
         notes.append(f"{NO_VALUE} in gap closed: the teacher does not beat the baseline student")
     return "".join(n + "\n" for n in notes) + ("\n" if notes else "")
 
@@ -464,31 +448,48 @@ def teacher_note(teacher: dict) -> str:
 def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None,
         teacher_iters: Optional[int] = None, teacher_weights: Optional[str] = None,
         methods: Optional[List[str]] = None, variants: Optional[Dict[str, List]] = None,
-        eval_points: int = 3, command: str = "", progress=print) -> dict:
+        eval_points: int = 3, command: str = "", progress=print,
+        data_opts: Sequence[str] = (), check_teacher: bool = True) -> dict:
     """Train (or read from the cache) the teacher and every planned student run, write
     ``gain.json``/``gain.md`` and the plots to ``out_dir``; returns the payload {"machine",
     "setting", "teacher" (:func:`train_teacher`), "rows" (:func:`summarize`), "runs" (label ->
-    [:func:`run_student` result per seed])}."""
+    [:func:`run_student` result per seed])}.
+
+    ``data_opts``: overrides that move every run onto other data
+    (:func:`csgr_distill.data.pipeline_overrides`; the results section is then named after the
+    training set). ``check_teacher``: after the first baseline run, warn loudly when the teacher
+    does not beat it (:func:`csgr_distill.teacher.teacher_check`)."""
+    from ..teacher import teacher_check
+
     plan = method_runs(methods, variants)
-    check_overrides(plan)
+    base = student_cfg(data_opts)
+    check_overrides(plan, base)
+    train_set, test_set = base.DATASETS.TRAIN[0], base.DATASETS.TEST[0]
     work_dir = os.path.abspath(work_dir)
     code = code_version()
     progress(f"[gain] teacher ({TEACHER_CFG})")
-    teacher = train_teacher(work_dir, teacher_iters, teacher_weights, code)
+    teacher = train_teacher(work_dir, teacher_iters, teacher_weights, code, data_opts)
     progress(f"[gain] teacher AP {teacher['AP']:.2f}" + (" (cached)" if teacher["cached"] else "")
              + f": {teacher_note(teacher)}")
-    base = student_cfg()
     iters = iters or int(base.SOLVER.MAX_ITER)
     runs: Dict[str, List[dict]] = {label: [] for label in plan}
     for seed in range(seeds):
         for label, opts in plan.items():
-            r = run_student(work_dir, label, opts, seed, teacher, iters, eval_points, code, base)
+            r = run_student(work_dir, label, opts, seed, teacher, iters, eval_points, code, base,
+                            data_opts)
             runs[label].append(r)
             progress(f"[gain] seed {seed} {label}: AP {r['final']['AP']:.2f}"
                      + (" (cached)" if r["cached"] else ""))
+            if check_teacher and seed == 0 and label == BASELINE:
+                checked = teacher_check(base, baseline_ap=r["final"]["AP"],
+                                        teacher_ap=teacher["AP"], dataset_name=test_set)
+                progress(f"[gain] teacher check: teacher AP {teacher['AP']:.2f}, baseline "
+                         f"{r['final']['AP']:.2f}: " + ("the teacher beats the baseline"
+                                                       if checked["teacher_beats_baseline"] else
+                                                       "THE TEACHER DOES NOT BEAT THE BASELINE"))
     rows = summarize(teacher, runs)
     info = machine_info("cpu")
-    setting = (f"shapes_train -> shapes_val; teacher RetinaNet R18-FPN wide ({TEACHER_CFG}), students "
+    setting = (f"{train_set} -> {test_set}; teacher RetinaNet R18-FPN wide ({TEACHER_CFG}), students "
                f"RetinaNet R18-FPN ({STUDENT_CFG}) trained {iters} iterations each, "
                f"seeds 0..{seeds - 1}; teacher AP {teacher['AP']:.2f} / AP50 "
                f"{teacher['AP50']:.2f} / AP75 {teacher['AP75']:.2f} "
@@ -499,12 +500,13 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
          + [number_cell(r["gain_AP"], "+.2f"), number_cell(r["gap_closed_percent"], ".0f"),
             "yes" if r["gain_over_2std"] else "no"]
          for r in rows])
-    md = (header_lines("gain (shapes)", info, command) + "\n" + setting + "\n\n" + table
+    section = "shapes" if train_set == "shapes_train" else train_set
+    md = (header_lines(f"gain ({section})", info, command) + "\n" + setting + "\n\n" + table
           + "\n\n" + table_note(rows) + cached_note(runs)
           + "\n\n![AP per method](gain_ap.png) ![AP vs iteration](gain_curves.png)")
     payload = {"machine": info, "setting": setting, "teacher": teacher, "rows": rows,
                "runs": runs}
     os.makedirs(out_dir, exist_ok=True)
-    plot(out_dir, teacher, rows, runs)
-    write_results(out_dir, "gain", "shapes", payload, md)
+    plot(out_dir, teacher, rows, runs, test_set)
+    write_results(out_dir, "gain", section, payload, md)
     return payload

@@ -35,6 +35,7 @@ from .custom import (
     apply_dataset_arguments,
     parse_dataset_argument,
     parse_register,
+    pipeline_overrides,
     register_from_cfg,
 )
 from .minicoco import MINICOCO_SPLITS, register_all_minicoco, register_minicoco
@@ -70,6 +71,7 @@ __all__ = [
     "check_training_data",
     "parse_dataset_argument",
     "parse_register",
+    "pipeline_overrides",
     "register_from_cfg",
     "training_class_names",
     "DatasetNotFoundError",

@@ -63,6 +63,8 @@ __all__ = [
     "register_from_cfg",
     "add_dataset_arguments",
     "apply_dataset_arguments",
+    "replace_entries",
+    "pipeline_overrides",
     "load_custom_coco",
     "load_custom_voc",
     "read_voc",
@@ -230,7 +232,12 @@ def apply_dataset_arguments(args, cfg):
     """Append ``args.register_dataset`` to ``cfg.DATASETS.REGISTER`` (cfg not frozen); an entry
     of the same name already in the config (its yaml) is replaced: the command line wins, as for
     ``KEY VALUE`` overrides. Returns ``cfg``."""
-    values = getattr(args, "register_dataset", None) or []
+    return replace_entries(cfg, getattr(args, "register_dataset", None) or [])
+
+
+def replace_entries(cfg, values: Sequence[str]):
+    """``cfg.DATASETS.REGISTER`` plus the ``--register-dataset`` ``values``
+    (``NAME=FORMAT:PATH[:PATH...]``), each replacing the entry of its name; returns ``cfg``."""
     if not values:
         return cfg
     new = [parse_dataset_argument(v) for v in values]
@@ -239,6 +246,50 @@ def apply_dataset_arguments(args, cfg):
             if not (isinstance(e, (list, tuple)) and e and str(e[0]) in names)]
     cfg.DATASETS.REGISTER = kept + new
     return cfg
+
+
+def pipeline_overrides(register: Sequence[str] = (), train: Optional[str] = None,
+                       test: Optional[str] = None) -> List[str]:
+    """``KEY VALUE`` overrides that move a whole pipeline (teacher, baseline and distilled
+    students, evaluations: ``tools/demo.py``, ``tools/benchmark.py gain``) onto other data.
+
+    ``register``: ``--register-dataset`` values (registered here, to learn their classes, and
+    passed on as ``DATASETS.REGISTER``); ``train`` / ``test``: dataset names for
+    ``DATASETS.TRAIN`` / ``DATASETS.TEST``. With ``train``, the class count of every head
+    (``MODEL.RETINANET.NUM_CLASSES``, ``MODEL.ROI_HEADS.NUM_CLASSES``) is its number of classes and
+    the teacher built by a distilled student reads the same training set
+    (``MODEL.DISTILL.TEACHER.OPTS``), so its class count follows too.
+
+    Raises:
+        DatasetEntryError: a malformed value, or ``train`` / ``test`` not registered.
+    """
+    entries = []
+    for value in register:
+        entries.append(parse_dataset_argument(value))
+        register_entry(parse_entry(entries[-1], f"{DATASET_FLAG} {value}"))
+    opts: List[str] = []
+    if entries:
+        opts += ["DATASETS.REGISTER", repr(entries)]
+    for flag, name in (("--train", train), ("--test", test)):
+        if name and name not in DatasetCatalog.list():
+            raise DatasetEntryError(
+                f"{flag} {name!r} is not a registered dataset: register it with {DATASET_FLAG} "
+                f"{name}=coco:JSON_FILE:IMAGE_DIR (or =voc:VOC_ROOT:SPLIT), or name a built-in "
+                "one (datasets/README.md)")
+    if train:
+        classes = MetadataCatalog.get(train).get("thing_classes", None)
+        if classes is None:
+            DatasetCatalog.get(train)
+            classes = MetadataCatalog.get(train).get("thing_classes", None)
+        if not classes:
+            raise DatasetContentError(f"--train {train!r} has no class names (thing_classes)")
+        k = str(len(classes))
+        opts += ["DATASETS.TRAIN", repr((train,)), "MODEL.RETINANET.NUM_CLASSES", k,
+                 "MODEL.ROI_HEADS.NUM_CLASSES", k,
+                 "MODEL.DISTILL.TEACHER.OPTS", repr(["DATASETS.TRAIN", (train,)])]
+    if test:
+        opts += ["DATASETS.TEST", repr((test,))]
+    return opts
 
 
 # ------------------------------------------------------------------------------------------------

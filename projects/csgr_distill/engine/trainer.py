@@ -6,6 +6,7 @@ import os
 from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.utils import comm
 
+from ..data.checks import check_training_data
 from ..data.errors import check_datasets
 from ..evaluation import build_evaluator
 from ..export import write_student
@@ -40,7 +41,9 @@ class DistillTrainer(DefaultTrainer):
 
     * before anything is built, checks that every ``DATASETS.TRAIN`` and ``DATASETS.TEST`` name is
       registered and on disk (:func:`csgr_distill.data.errors.check_datasets`), so a missing test
-      set fails before the first iteration, not at the final evaluation;
+      set fails before the first iteration, not at the final evaluation; that no training set is
+      empty and the head's class count matches the training classes
+      (:func:`csgr_distill.data.checks.check_training_data`);
     * builds and attaches the teacher (strict load) before the first step when
       ``MODEL.DISTILL.ENABLED``;
     * applies ``MODEL.DISTILL.DECAY`` before every step and logs ``distill/factor``; every
@@ -65,6 +68,7 @@ class DistillTrainer(DefaultTrainer):
     def __init__(self, cfg):
         check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
         check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
+        check_training_data(cfg)
         super().__init__(cfg)
         student = unwrap_model(self.model)
         if getattr(student, "distill_enabled", False):

@@ -2,11 +2,12 @@
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.evaluation import COCOEvaluator
 
 from .domain_evaluator import DomainCOCOEvaluator, domain_image_ids
+from .voc import voc_evaluator
 
-__all__ = ["DomainCOCOEvaluator", "domain_image_ids", "build_evaluator"]
+__all__ = ["DomainCOCOEvaluator", "domain_image_ids", "build_evaluator", "voc_evaluator"]
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
@@ -14,7 +15,8 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
 
     * metadata has ``domain_tags`` -> :class:`DomainCOCOEvaluator` (COCO AP + AP per tag value);
     * ``evaluator_type == "coco"`` -> ``COCOEvaluator(use_fast_impl=False)``;
-    * ``evaluator_type == "pascal_voc"`` -> ``PascalVOCDetectionEvaluator``.
+    * ``evaluator_type == "pascal_voc"`` -> ``PascalVOCDetectionEvaluator`` (on completed copies of
+      XMLs that other annotation tools wrote: :func:`voc_evaluator`).
 
     Args:
         cfg: the detectron2 config (``cfg.OUTPUT_DIR`` gives the default output folder).
@@ -37,7 +39,7 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str = None):
     if meta.get("domain_tags", None):
         return DomainCOCOEvaluator(dataset_name, output_dir=output_folder)
     if evaluator_type == "pascal_voc":
-        return PascalVOCDetectionEvaluator(dataset_name)
+        return voc_evaluator(dataset_name, output_folder)
     raise NotImplementedError(
         f"No evaluator for dataset '{dataset_name}' (evaluator_type={evaluator_type!r}). "
         "Supported: metadata with domain_tags, evaluator_type 'coco' or 'pascal_voc'. Set "
