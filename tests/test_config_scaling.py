@@ -50,8 +50,10 @@ def test_steps_as_fractions_follow_max_iter():
 
 
 def test_steps_beyond_max_iter_are_an_error_naming_both():
+    # the demo configs give fractions, so a shorter MAX_ITER just moves the steps
+    assert _demo("student-RetinaNet-R18.yaml", ["SOLVER.MAX_ITER", "500"]).SOLVER.STEPS == (400, 475)
     with pytest.raises(ValueError) as e:
-        _demo("student-RetinaNet-R18.yaml", ["SOLVER.MAX_ITER", "500"])
+        _demo("student-RetinaNet-R18.yaml", ["SOLVER.STEPS", "(480, 570)", "SOLVER.MAX_ITER", "500"])
     msg = str(e.value)
     assert msg.startswith("SOLVER.STEPS (480, 570) has steps at or beyond SOLVER.MAX_ITER 500 "
                           "(570)")
@@ -60,10 +62,24 @@ def test_steps_beyond_max_iter_are_an_error_naming_both():
         _demo("student-RetinaNet-R18.yaml", ["SOLVER.STEPS", "(0.5, 570)"])
     # other schedulers do not read the steps; a teacher config is not checked
     cfg = _demo("student-RetinaNet-R18.yaml", ["SOLVER.LR_SCHEDULER_NAME", "WarmupCosineLR",
-                                               "SOLVER.MAX_ITER", "100"])
+                                               "SOLVER.STEPS", "(480, 570)", "SOLVER.MAX_ITER", "100"])
     assert cfg.SOLVER.STEPS == (480, 570)
     cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
     apply_derived_keys(cfg, check_steps=False)
+
+
+def test_trainer_scheduler_reads_fractional_steps_as_iterations():
+    """A config that skipped load_config (e.g. built in Python) still decays where it says: the
+    trainer's scheduler converts fractions itself instead of dropping the lr at iteration 0."""
+    from csgr_distill.engine import DistillTrainer
+    from torch import nn
+
+    cfg = add_distill_config(get_cfg())
+    cfg.merge_from_file(os.path.join(DEMO, "student-RetinaNet-R18.yaml"))  # raw: (0.8, 0.95)
+    opt = DistillTrainer.build_optimizer(cfg, nn.Linear(2, 2))
+    sched = DistillTrainer.build_lr_scheduler(cfg, opt)
+    multi = sched._multiplier._schedulers[1]  # warm-up, then the multi-step
+    assert list(multi._milestones) == [480, 570]
 
 
 def test_fixed_size_sets_the_four_input_keys():

@@ -6,6 +6,7 @@ import os
 from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.utils import comm
 
+from ..config import scale_schedule
 from ..data.checks import check_training_data
 from ..data.errors import check_datasets
 from ..evaluation import build_evaluator
@@ -73,6 +74,14 @@ class DistillTrainer(DefaultTrainer):
         student = unwrap_model(self.model)
         if getattr(student, "distill_enabled", False):
             student.attach_teacher()
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        """detectron2's scheduler, with ``SOLVER.STEPS`` given as fractions of ``MAX_ITER``
+        converted to iterations (:func:`csgr_distill.config.scale_schedule`) for a config that
+        did not go through :func:`csgr_distill.config.load_config`."""
+        cfg = scale_schedule(cfg.clone(), check=False)
+        return super().build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
