@@ -23,6 +23,8 @@ class FakeTrainNet:
 
     def __init__(self):
         self.calls = []
+        #: a student run is killed after writing this many evaluations (None: never)
+        self.kill_student_after = None
 
     def __call__(self, args, log_path):
         args = [str(a) for a in args]
@@ -48,8 +50,12 @@ class FakeTrainNet:
             kind = "student"
             iters = int(kv.get("SOLVER.MAX_ITER", 600))
             period = int(kv["TEST.EVAL_PERIOD"])
-            with open(os.path.join(out, "metrics.json"), "w") as f:
-                for it in sorted(set(range(period, iters, period)) | {iters}):
+            # detectron2's JSONWriter appends to an existing metrics.json
+            with open(os.path.join(out, "metrics.json"), "a") as f:
+                for k, it in enumerate(sorted(set(range(period, iters, period)) | {iters})):
+                    if self.kill_student_after is not None and k >= self.kill_student_after:
+                        self.kill_student_after = None
+                        raise RuntimeError("train_net.py killed")
                     f.write(json.dumps({"iteration": it - 1, "total_loss": 1.0}) + "\n")
                     f.write(json.dumps({"iteration": it - 1, **{f"bbox/{m}": v
                                                                 for m, v in bbox.items()}}) + "\n")
@@ -218,3 +224,16 @@ def test_cache_entry_with_other_material_is_ignored(tmp_path, fake):
     (rdir / "final.json").write_text(json.dumps(data))
     p = _run(tmp_path)
     assert _cached(p) == {gain.BASELINE: [True], CSGR: [False]}
+
+
+def test_a_run_killed_before_it_finished_is_trained_again_from_a_clean_folder(tmp_path, fake):
+    """A killed run leaves a metrics.json without final.json; detectron2 appends to it, so the
+    next attempt must start from an empty one, or its curve mixes both runs (and the curve plot
+    fails on curves of different lengths)."""
+    fake.kill_student_after = 2  # the baseline run dies after two of its three evaluations
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(tmp_path)
+    payload = _run(tmp_path)
+    for label, rs in payload["runs"].items():
+        assert [it for it, _ in rs[0]["curve"]] == [200, 400, 600], label
+    assert (tmp_path / "results" / "gain_curves.png").is_file()

@@ -41,7 +41,7 @@ STUDENT_CFG = "configs/demo/CSGR-RetinaNet-R18.yaml"
 BASELINE = "baseline (no distillation)"
 METRICS = ("AP", "AP50", "AP75")
 #: combinations worth running once all their members are registered
-COMBINATIONS: List[Tuple[str, ...]] = [("CSGR", "LD"), ("FGD", "LD")]
+COMBINATIONS: List[Tuple[str, ...]] = [("CSGR", "FGD"), ("CSGR", "LD"), ("FGD", "LD")]
 
 
 def method_runs(selected: Optional[List[str]] = None,
@@ -336,6 +336,10 @@ def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iter
     result = _load_cached(rdir, material)
     if result is not None:
         return dict(result, cached=True)
+    # a run killed before it finished left its metrics.json, to which detectron2 would append
+    stale = os.path.join(rdir, "metrics.json")
+    if os.path.exists(stale):
+        os.remove(stale)
     _train_net(["--config-file", STUDENT_CFG] + _opts_str(run_opts) + ["OUTPUT_DIR", rdir],
                os.path.join(rdir, "train.log"))
     curve = _read_curve(os.path.join(rdir, "metrics.json"))
@@ -488,7 +492,7 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
                                                        if checked["teacher_beats_baseline"] else
                                                        "THE TEACHER DOES NOT BEAT THE BASELINE"))
     rows = summarize(teacher, runs)
-    info = machine_info("cpu")
+    info = machine_info(str(base.MODEL.DEVICE))  # where train_net.py ran (--opts MODEL.DEVICE)
     setting = (f"{train_set} -> {test_set}; teacher RetinaNet R18-FPN wide ({TEACHER_CFG}), students "
                f"RetinaNet R18-FPN ({STUDENT_CFG}) trained {iters} iterations each, "
                f"seeds 0..{seeds - 1}; teacher AP {teacher['AP']:.2f} / AP50 "
