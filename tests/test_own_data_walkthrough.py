@@ -14,7 +14,7 @@ from detectron2.data import MetadataCatalog
 import csgr_distill.data as D
 from csgr_distill.data.custom import DatasetEntryError
 from test_custom_data import make_coco, make_voc
-from tiny import REPO, base_cfg
+from tiny import REPO, base_cfg, fake_demo_tool
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import compare  # noqa: E402
@@ -212,14 +212,7 @@ def test_demo_runs_every_stage_on_the_users_data_and_checks_the_teacher(tmp_path
     calls = []
     ap = {"teacher": 3.0, "student_baseline": 5.0, "student_csgr": 5.5}
 
-    def fake_tool(args, log_path):
-        calls.append(list(args))
-        if "--eval-only" in args:
-            out = args[args.index("OUTPUT_DIR") + 1]
-            os.makedirs(out, exist_ok=True)
-            which = os.path.basename(os.path.dirname(args[args.index("MODEL.WEIGHTS") + 1]))
-            with open(os.path.join(out, "eval_results.json"), "w") as f:
-                json.dump({"bbox": {"AP": ap[which], "AP50": 10.0, "AP75": None}}, f)
+    fake_tool = fake_demo_tool(calls, ap)
 
     monkeypatch.setattr(demo, "run_tool", fake_tool)
     with caplog.at_level(logging.WARNING):

@@ -122,7 +122,7 @@ def test_exported_student_weights_draw_detections_without_attention(models, tmp_
     written = visualize.main(["--config-file", models["csgr"], "--weights", plain,
                               "--output", str(tmp_path), "--num-images", "1"])
     assert _names(written) == [f"{_stem(0)}_detections.png"]
-    assert "no attention pictures" in capsys.readouterr().out
+    assert "no CSGR pictures: " in capsys.readouterr().out
 
 
 def test_top_detections_and_rule():

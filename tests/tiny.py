@@ -92,11 +92,15 @@ def fake_batch(n=2, size=64, seed=0):
 
 
 def rcnn_base_cfg(output_dir, fpn_channels=16):
-    """A tiny Faster R-CNN FPN (R18, p2-p6) on the tiny shapes, same input as ``base_cfg``."""
+    """A tiny Faster R-CNN FPN (R18, p2-p6) on the tiny shapes, with the input, solver and data
+    loader of ``base_cfg`` (the model-zoo base it merges would set 640-800 px, 16 images a batch
+    and 90k iterations)."""
     from detectron2 import model_zoo
 
-    cfg = base_cfg(output_dir, fpn_channels)
+    tiny = base_cfg(output_dir, fpn_channels)
+    cfg = tiny.clone()
     cfg.merge_from_file(model_zoo.get_config_file("Base-RCNN-FPN.yaml"))
+    cfg.SOLVER, cfg.INPUT, cfg.DATALOADER = tiny.SOLVER, tiny.INPUT, tiny.DATALOADER
     cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.RESNETS.DEPTH = 18
@@ -123,3 +127,21 @@ def write_model(tmp_path, cfg, name):
     yaml_path = tmp_path / f"{name}.yaml"
     yaml_path.write_text(cfg.dump())
     return str(yaml_path), weights, model
+
+
+def fake_demo_tool(calls, ap):
+    """A stand-in for ``tools/demo.py``'s ``run_tool``: records each call's arguments in
+    ``calls``; an ``--eval-only`` call writes ``eval_results.json`` with the AP of ``ap[run
+    folder name]`` (the folder of its MODEL.WEIGHTS) into its OUTPUT_DIR."""
+    import json
+
+    def fake_tool(args, log_path):
+        calls.append(list(args))
+        if "--eval-only" in args:
+            out = args[args.index("OUTPUT_DIR") + 1]
+            os.makedirs(out, exist_ok=True)
+            which = os.path.basename(os.path.dirname(args[args.index("MODEL.WEIGHTS") + 1]))
+            with open(os.path.join(out, "eval_results.json"), "w") as f:
+                json.dump({"bbox": {"AP": ap[which], "AP50": 10.0, "AP75": None}}, f)
+
+    return fake_tool

@@ -2,9 +2,19 @@
 """The embedded default, end to end on the CPU (behind ``make demo``).
 
 generate shapes -> train teacher -> train baseline student -> evaluate both and check that the
-teacher beats the baseline (a loud warning with both numbers when it does not) -> train CSGR
-student (same iterations) -> evaluate it (--eval-only, through its exported plain checkpoint) ->
-table (markdown + json), bar chart, visualizations, all under ``output/demo/``.
+teacher beats the baseline (a loud warning with both numbers when it does not) -> train the
+distilled student (CSGR by default; same iterations) -> evaluate it (--eval-only, through its
+exported plain checkpoint) -> table (markdown + json), bar chart, visualizations, all under
+``output/demo/``.
+
+Another method instead of CSGR (``--method NAME``: a registered distiller with a demo config
+``configs/demo/<NAME>-RetinaNet-R18.yaml``; an unknown one is an error listing those available)::
+
+    tools/demo.py --method FGD
+
+trains ``output/demo/student_fgd``, names its row ``student R18 + FGD`` and writes
+``results_fgd.{md,json,png}`` and ``vis_fgd/`` (the default CSGR run: ``results.*``, ``vis/``), so
+that the tables of several methods sit side by side.
 
 Your own data instead of the shapes (the class count follows ``--train``; give the input size of
 your images with ``INPUT.FIXED_SIZE``; every trailing ``KEY VALUE`` goes to every model)::
@@ -34,21 +44,78 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CFG = os.path.join("configs", "demo")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
-#: name -> (config, weights to evaluate, config used for evaluation)
+#: the method distilled when --method is not given
+DEFAULT_METHOD = "CSGR"
+#: a method's demo config is ``configs/demo/<NAME><this>``
+METHOD_CONFIG_SUFFIX = "-RetinaNet-R18.yaml"
+
+#: name -> (config, weights to evaluate, config used for evaluation); the distilled student's
+#: entry comes from :func:`models_for`
 MODELS = {
     "teacher R18-wide": ("teacher-RetinaNet-R18-wide.yaml", "output/demo/teacher/model_final.pth",
                     "teacher-RetinaNet-R18-wide.yaml"),
     "student R18 (baseline)": ("student-RetinaNet-R18.yaml",
                                "output/demo/student_baseline/model_final.pth",
                                "student-RetinaNet-R18.yaml"),
-    # the distilled student is evaluated from its exported checkpoint with the *plain* config
-    "student R18 + CSGR": ("CSGR-RetinaNet-R18.yaml",
-                           "output/demo/student_csgr/model_final_student.pth",
-                           "student-RetinaNet-R18.yaml"),
 }
 #: rough relative cost of each stage on the 2-core reference machine (seconds), for the ETA only
-STAGE_COST = {"data": 10, "teacher": 550, "baseline": 130, "check": 30, "csgr": 170, "eval": 15,
-              "report": 15}
+STAGE_COST = {"data": 10, "teacher": 550, "baseline": 130, "check": 30, "distill": 170,
+              "eval": 15, "report": 15}
+
+
+def student_dir(method: str) -> str:
+    """``output/demo/student_<method lower>``: the distilled student's run."""
+    return f"output/demo/student_{method.lower()}"
+
+
+def distilled_name(method: str) -> str:
+    """The table row of the distilled student, e.g. ``student R18 + CSGR``."""
+    return f"student R18 + {method}"
+
+
+def models_for(method: str) -> dict:
+    """:data:`MODELS` with the student distilled by ``method``: trained with
+    ``configs/demo/<method><METHOD_CONFIG_SUFFIX>`` into :func:`student_dir`, evaluated from its
+    exported checkpoint with the *plain* student config."""
+    return dict(MODELS, **{distilled_name(method): (
+        method + METHOD_CONFIG_SUFFIX, student_dir(method) + "/model_final_student.pth",
+        "student-RetinaNet-R18.yaml")})
+
+
+def available_methods():
+    """The methods ``--method`` takes: registered distillers (``DISTILLER_REGISTRY``) with a demo
+    config ``configs/demo/<NAME>-RetinaNet-R18.yaml``, sorted."""
+    import csgr_distill  # noqa: F401  (registers every distiller)
+    from csgr_distill.distillers import registered_distillers
+
+    folder = os.path.join(REPO, DEMO_CFG)
+    configs = {f[:-len(METHOD_CONFIG_SUFFIX)] for f in os.listdir(folder)
+               if f.endswith(METHOD_CONFIG_SUFFIX)}
+    return sorted(configs & set(registered_distillers()))
+
+
+def check_method(method: str) -> str:
+    """``method`` as registered (case-insensitive: ``fgd`` is ``FGD``); a ``CliError`` naming
+    what is missing and listing the available methods when it cannot run."""
+    from csgr_distill.cli import CliError
+    from csgr_distill.distillers import registered_distillers
+
+    available = available_methods()
+    for name in available:
+        if name.lower() == method.lower():
+            return name
+    registered = {n.lower(): n for n in registered_distillers()}
+    config = os.path.join(DEMO_CFG, registered.get(method.lower(), method) + METHOD_CONFIG_SUFFIX)
+    if method.lower() in registered:
+        why = (f"{registered[method.lower()]} is a registered distiller but has no demo config "
+               f"({config} does not exist)")
+    elif os.path.isfile(os.path.join(REPO, config)):
+        why = f"{config} exists but {method!r} is not a registered distiller"
+    else:
+        why = f"{method!r} is not a registered distiller and {config} does not exist"
+    raise CliError(
+        f"--method {method}: {why}. Available: {', '.join(available) or 'none'} (a registered "
+        f"distiller with a demo config {DEMO_CFG}/<NAME>{METHOD_CONFIG_SUFFIX})")
 
 
 def fmt_metric(value) -> str:
@@ -111,8 +178,8 @@ def train(config, opts, log_name):
              + ["DATASETS.TEST", "()"], os.path.join("output/demo/logs", log_name + ".log"))
 
 
-def evaluate(name, opts):
-    _, weights, eval_cfg = MODELS[name]
+def evaluate(name, opts, models=MODELS):
+    _, weights, eval_cfg = models[name]
     out_dir = os.path.join("output/demo/eval", name.split(" (")[0].replace(" + ", "_")
                            .replace(" ", "_").lower())
     run_tool(["tools/train_net.py", "--config-file", os.path.join(DEMO_CFG, eval_cfg),
@@ -122,8 +189,10 @@ def evaluate(name, opts):
         return json.load(f)["bbox"]
 
 
-def write_report(results, out_dir, iters, train_set="shapes_train", test_set="shapes_val"):
-    """Markdown + json table and a bar chart; returns the markdown."""
+def write_report(results, out_dir, iters, train_set="shapes_train", test_set="shapes_val",
+                 method=DEFAULT_METHOD, suffix=""):
+    """Markdown + json table and a bar chart (``results<suffix>.{md,json,png}``) of the teacher,
+    the baseline and the student distilled by ``method``; returns the markdown."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,24 +208,24 @@ def write_report(results, out_dir, iters, train_set="shapes_train", test_set="sh
         lines.append(f"| {n} | " + " | ".join(fmt_metric(results[n].get(m)) for m in METRICS)
                      + " |")
     missing = any(missing_value(results[n].get(m)) for n in names for m in METRICS)
-    base, csgr = results["student R18 (baseline)"], results["student R18 + CSGR"]
+    base, student = results["student R18 (baseline)"], results[distilled_name(method)]
     teacher = results["teacher R18-wide"]
     gap = teacher["AP"] - base["AP"]
-    closed = (csgr["AP"] - base["AP"]) / gap * 100 if abs(gap) > 1e-9 else None
+    closed = (student["AP"] - base["AP"]) / gap * 100 if abs(gap) > 1e-9 else None
     lines.append("")
     if missing:
         lines += [f"{NO_VALUE} : no value (no objects of that size in the validation set)", ""]
     share = f"{closed:.0f}% of" if closed is not None else "no share of"
-    lines.append(f"CSGR gain over the baseline student: {csgr['AP'] - base['AP']:+.2f} AP "
+    lines.append(f"{method} gain over the baseline student: {student['AP'] - base['AP']:+.2f} AP "
                  f"({share} the teacher-student gap of {gap:.2f} AP); "
                  f"students trained {iters} iterations each on {train_set}, evaluated on "
                  f"{test_set}.")
     md = "\n".join(lines)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
+    with open(os.path.join(out_dir, f"results{suffix}.md"), "w") as f:
         f.write(md + "\n")
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
+    with open(os.path.join(out_dir, f"results{suffix}.json"), "w") as f:
         json.dump({"results": results, "student_iters": iters,
-                   "gain_AP": csgr["AP"] - base["AP"], "gap_closed_percent": closed}, f, indent=2,
+                   "gain_AP": student["AP"] - base["AP"], "gap_closed_percent": closed}, f, indent=2,
                   allow_nan=False)
 
     x = np.arange(len(METRICS))
@@ -169,10 +238,10 @@ def write_report(results, out_dir, iters, train_set="shapes_train", test_set="sh
     ax.set_xticks(x, [m if any(not missing_value(results[n].get(m)) for n in names)
                       else f"{m}\n({NO_VALUE}: no objects)" for m in METRICS])
     ax.set_ylabel(f"metric on {test_set}")
-    ax.set_title("Demo: teacher vs baseline student vs CSGR-distilled student")
+    ax.set_title(f"Demo: teacher vs baseline student vs {method}-distilled student")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "results.png"), dpi=120)
+    fig.savefig(os.path.join(out_dir, f"results{suffix}.png"), dpi=120)
     plt.close(fig)
     return md
 
@@ -183,6 +252,10 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default=DEFAULT_METHOD, metavar="NAME",
+                        help="the distillation method of the distilled student (default "
+                             f"{DEFAULT_METHOD}): a registered distiller with a demo config "
+                             f"{DEMO_CFG}/<NAME>{METHOD_CONFIG_SUFFIX}")
     parser.add_argument("--teacher-iters", type=int, default=None,
                         help="override SOLVER.MAX_ITER of the teacher (default: its config)")
     parser.add_argument("--student-iters", type=int, default=None,
@@ -201,6 +274,10 @@ def main(argv=None):
                         help="KEY VALUE overrides for every model, e.g. INPUT.FIXED_SIZE 256")
     args = parser.parse_args(argv)
     os.chdir(REPO)
+    method = check_method(args.method)  # before anything trains
+    models = models_for(method)
+    distilled = distilled_name(method)
+    suffix = "" if method == DEFAULT_METHOD else "_" + method.lower()
     out_dir = "output/demo"
     os.makedirs(out_dir, exist_ok=True)
 
@@ -208,7 +285,7 @@ def main(argv=None):
         # the lr steps at the same fractions of the schedule (csgr_distill.config.scale_schedule)
         return [] if n is None else ["SOLVER.MAX_ITER", str(n), "SOLVER.STEPS", "(0.8, 0.95)"]
 
-    stages = ["data", "teacher", "baseline", "check", "csgr", "eval", "report"]
+    stages = ["data", "teacher", "baseline", "check", "distill", "eval", "report"]
     progress = Progress(stages)
     common = []
 
@@ -224,33 +301,35 @@ def main(argv=None):
     sizes = progress.run("data", "register / generate the data", data)
     print(f"      {train_set}: {sizes['train']} images, {test_set}: {sizes['val']} images")
     progress.run("teacher", "train teacher (RetinaNet R18-FPN, wide FPN and head)",
-                 lambda: train(MODELS["teacher R18-wide"][0],
+                 lambda: train(models["teacher R18-wide"][0],
                                common + iters_opts(args.teacher_iters), "teacher"))
     progress.run("baseline", "train baseline student (RetinaNet R18-FPN)",
-                 lambda: train(MODELS["student R18 (baseline)"][0],
+                 lambda: train(models["student R18 (baseline)"][0],
                                common + iters_opts(args.student_iters), "student_baseline"))
     results = {}
 
     def check():
         for name in ("teacher R18-wide", "student R18 (baseline)"):
-            results[name] = evaluate(name, common)
+            results[name] = evaluate(name, common, models)
         if not args.no_teacher_check:
             from csgr_distill.config import load_config
             from csgr_distill.teacher import teacher_check
 
-            cfg = load_config(os.path.join(DEMO_CFG, MODELS["student R18 + CSGR"][0]), common,
+            cfg = load_config(os.path.join(DEMO_CFG, models[distilled][0]), common,
                               check_steps=False)
             teacher_check(cfg, baseline_ap=results["student R18 (baseline)"]["AP"],
                           teacher_ap=results["teacher R18-wide"]["AP"], dataset_name=test_set)
 
     progress.run("check", f"evaluate teacher and baseline on {test_set}, teacher check", check)
-    progress.run("csgr", "train CSGR student (RetinaNet R18-FPN <- wide R18 teacher)",
-                 lambda: train(MODELS["student R18 + CSGR"][0],
-                               common + iters_opts(args.student_iters), "student_csgr"))
-    progress.run("eval", f"evaluate the CSGR student on {test_set} (--eval-only)",
-                 lambda: results.update({"student R18 + CSGR": evaluate("student R18 + CSGR",
-                                                                        common)}))
-    results = {n: results[n] for n in MODELS}
+    # OUTPUT_DIR given, not left to the method's yaml: the evaluation reads the run from there
+    progress.run("distill", f"train {method} student (RetinaNet R18-FPN <- wide R18 teacher)",
+                 lambda: train(models[distilled][0],
+                               ["OUTPUT_DIR", student_dir(method)] + common
+                               + iters_opts(args.student_iters),
+                               os.path.basename(student_dir(method))))
+    progress.run("eval", f"evaluate the {method} student on {test_set} (--eval-only)",
+                 lambda: results.update({distilled: evaluate(distilled, common, models)}))
+    results = {n: results[n] for n in models}
 
     def report():
         from csgr_distill.config import add_distill_config  # noqa: F401
@@ -260,15 +339,17 @@ def main(argv=None):
         add_distill_config(cfg)
         cfg.merge_from_file(os.path.join(DEMO_CFG, "student-RetinaNet-R18.yaml"))
         iters = args.student_iters or cfg.SOLVER.MAX_ITER
-        md = write_report(results, out_dir, iters, train_set, test_set)
+        md = write_report(results, out_dir, iters, train_set, test_set, method, suffix)
         # ground truth | teacher | student, each model's 10 best boxes >= 0.05 (the students'
-        # scores are low: a fixed 0.4 threshold would show nothing), CSGR's attention maps;
-        # then the same images for the baseline student, to compare
+        # scores are low: a fixed 0.4 threshold would show nothing), the method's own pictures
+        # (tools/visualize.py draws what it can for that config, e.g. CSGR's attention maps; the
+        # training checkpoint holds the distiller's parts); then the same images for the
+        # baseline student, to compare
         for config, weights, vis_dir, log in (
-                ("CSGR-RetinaNet-R18.yaml", "output/demo/student_csgr/model_final.pth", "vis",
-                 "visualize"),
+                (models[distilled][0], student_dir(method) + "/model_final.pth", "vis" + suffix,
+                 "visualize" + suffix),
                 ("student-RetinaNet-R18.yaml", "output/demo/student_baseline/model_final.pth",
-                 os.path.join("vis", "baseline"), "visualize_baseline")):
+                 os.path.join("vis" + suffix, "baseline"), "visualize_baseline" + suffix)):
             run_tool(["tools/visualize.py", "--config-file", os.path.join(DEMO_CFG, config),
                       "--weights", weights, "--dataset", test_set, "--num-images", "3",
                       "--top-k", "10", "--score-floor", "0.05",
@@ -280,8 +361,8 @@ def main(argv=None):
     print()
     print(md)
     print()
-    print(f"Written: {out_dir}/results.md, results.json, results.png, vis/*.png (baseline "
-          "student: vis/baseline/), logs/*.log")
+    print(f"Written: {out_dir}/results{suffix}.md, results{suffix}.json, results{suffix}.png, "
+          f"vis{suffix}/*.png (baseline student: vis{suffix}/baseline/), logs/*.log")
     print(f"Total time {fmt(time.time() - progress.t0)}. Benchmarks of every method: README "
           "'Results' (tools/benchmark.py).")
 

@@ -5,10 +5,13 @@ each image ``<stem>`` (its file name without extension), writes PNGs:
 * ``<stem>_detections.png``: ground truth | teacher | student; each model's ``--top-k`` best
   detections at or above ``--score-floor`` (scores on the labels, the rule on the panel), so a
   weak or young model still shows what it finds;
-* distillation configs with CSGR only: ``<stem>_csgr_category_attention.png`` (CSGR's per-class
+* distillation configs with CSGR: ``<stem>_csgr_category_attention.png`` (CSGR's per-class
   spatial attention on one FPN level, teacher row above student row; learned classifier, or the
   teacher's logits with ``ATTENTION teacher_head``) and ``<stem>_csgr_criss_cross.png`` (the
-  criss-cross attention of one grid cell, teacher and student).
+  criss-cross attention of one grid cell, teacher and student);
+* distillation configs with FGD: ``<stem>_fgd_masks_attention.png`` (on one FPN level: FGD's
+  foreground mask with the ground-truth boxes, its background mask, and the spatial attention
+  of teacher and student).
 
     tools/visualize.py --config-file configs/demo/CSGR-RetinaNet-R18.yaml \\
         --weights output/demo/student_csgr/model_final.pth --dataset shapes_val --output vis/
@@ -28,6 +31,7 @@ weights are read. A known user error prints one message (``--debug``: the traceb
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import cv2
@@ -38,6 +42,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.visualizer import Visualizer
 
@@ -72,7 +77,8 @@ def parse_args(argv=None):
                    help="... among those scoring at least this")
     p.add_argument("--no-teacher", action="store_true",
                    help="draw ground truth | student only; nothing of the teacher is read")
-    p.add_argument("--level", default="p3", help="FPN level whose attention is drawn")
+    p.add_argument("--level", default="p3",
+                   help="FPN level of the method pictures (attention, FGD's masks)")
     p.add_argument("--pixel", type=int, nargs=2, metavar=("I", "J"), default=None,
                    help="grid cell (row, col) on --level for the criss-cross attention "
                         "(default: the centre of the largest ground-truth box)")
@@ -182,31 +188,38 @@ def without_distillation(cfg):
 
 
 def build_models(cfg, weights: str, use_teacher: bool, notes: List[str]):
-    """(student, teacher or None, CSGR distiller or None).
+    """(student, teacher or None, {method: distiller} of the methods whose pictures are drawn).
 
-    The student is built with distillation on only when the attention pictures can be drawn (a
-    CSGR config, the teacher available, the checkpoint holding the distiller); otherwise with
-    distillation off, loading a training checkpoint's student part."""
-    csgr_config = cfg.MODEL.DISTILL.ENABLED and "CSGR" in cfg.MODEL.DISTILL.METHODS
-    if csgr_config and use_teacher:
+    The student is built with distillation on only when some method's pictures can be drawn (a
+    method of :data:`PICTURES` configured, the teacher available, the checkpoint holding that
+    distiller's tensors); otherwise with distillation off, loading a training checkpoint's
+    student part."""
+    methods = list(cfg.MODEL.DISTILL.METHODS) if cfg.MODEL.DISTILL.ENABLED else []
+    drawable = [m for m in methods if m in PICTURES]
+    others = [m for m in methods if m not in PICTURES]
+    if others:
+        notes.append(f"no method pictures for {others}: drawn for {sorted(PICTURES)} only")
+    if drawable and use_teacher:
         student = build_model(cfg)
         loader = _LoadReport(student)
         loader.load(weights)
         student.eval()
-        missing = [k for k in (loader.incompatible.missing_keys or [])
-                   if k.startswith("distillers.CSGR.")]
-        if not missing:
-            return student, student.teacher.model, student.distillers["CSGR"]
-        notes.append(f"no attention pictures: {weights} has no distillers.CSGR.* tensors (an "
-                     "exported student); a training checkpoint such as model_final.pth has them")
-    elif cfg.MODEL.DISTILL.ENABLED and not csgr_config:
-        notes.append("no attention pictures: drawn for CSGR only "
-                     f"(MODEL.DISTILL.METHODS {list(cfg.MODEL.DISTILL.METHODS)})")
+        missing = loader.incompatible.missing_keys or []
+        chosen = {}
+        for m in drawable:
+            if any(k.startswith(f"distillers.{m}.") for k in missing):
+                notes.append(f"no {m} pictures: {weights} has no distillers.{m}.* tensors (an "
+                             "exported student); a training checkpoint such as model_final.pth "
+                             "has them")
+            else:
+                chosen[m] = student.distillers[m]
+        if chosen:
+            return student, student.teacher.model, chosen
     student = build_model(without_distillation(cfg))
     StudentCheckpointer(student).load(weights)
     student.eval()
     teacher = FrozenTeacher.from_student_cfg(cfg).model if use_teacher else None
-    return student, teacher, None
+    return student, teacher, {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,7 +245,7 @@ def main(argv=None):
         use_teacher, why = find_teacher(cfg)
         if not use_teacher and (cfg.MODEL.DISTILL.ENABLED or cfg.MODEL.DISTILL.TEACHER.CONFIG):
             notes.append(f"teacher not drawn: {why}")
-    student, teacher, csgr = build_models(cfg, args.weights, use_teacher, notes)
+    student, teacher, distillers = build_models(cfg, args.weights, use_teacher, notes)
     for model in (student, teacher):
         if model is not None:
             lower_score_threshold(model, args.score_floor, args.top_k)
@@ -265,59 +278,124 @@ def main(argv=None):
                                     [name, f"{rule}: {len(kept)} shown"]))
         stem_path = os.path.join(args.output, stem)
         written.append(_save(stem_path + "_detections.png", grid(panels, cols=len(panels))))
-        if csgr is not None:
-            written += attention_pictures(args, cfg, student, csgr, d, inputs, rgb, scale,
-                                          metadata, level, stem_path)
+        if distillers:
+            written += method_pictures(args, student, distillers, d, inputs, rgb, scale,
+                                       metadata, level, stem_path)
     print("Wrote", len(written), "files to", args.output)
     return written
 
 
-def attention_pictures(args, cfg, student, csgr, d, inputs, rgb, scale, metadata, level,
-                       stem_path) -> List[str]:
-    """CSGR's class attention and criss-cross attention, teacher and student, from the records a
-    training step gives the distiller."""
+@dataclass
+class PictureInputs:
+    """What a method's pictures read: the two records of one image (a training step's), the
+    ground truth in the model's input pixels, and how to draw on the image."""
+
+    args: argparse.Namespace
+    d: dict  # the dataset dict
+    student: object  # the DetectorOutputs of the student
+    teacher: object  # ... and of the teacher
+    gt_instances: list  # [Instances] with gt_boxes in input pixels
+    level: str
+    stride: int
+    image_size: Tuple[int, int]  # the model's resized input (h, w)
+    orig_hw: Tuple[int, int]  # the dataset image (h, w)
+    rgb: np.ndarray  # the image, enlarged for display
+    metadata: object
+    stem_path: str
+
+    def heat(self, level_map, smooth=True) -> np.ndarray:
+        """A level map ``[h, w]`` over the display image."""
+        return heatmap_on_image(self.rgb, level_map_to_image(
+            level_map, self.stride, self.image_size, self.rgb.shape[:2], smooth=smooth))
+
+
+def method_pictures(args, student, distillers, d, inputs, rgb, scale, metadata, level,
+                    stem_path) -> List[str]:
+    """The pictures of every method of ``distillers`` (:data:`PICTURES`), from the records a
+    training step gives the distillers."""
     stride = student.backbone.output_shape()[level].stride
     with torch.no_grad():
         s_images = student.preprocess_image(inputs)
         s_rec = student.recorder.record(student, s_images, inputs, ("features",))
         t_rec = student.run_teacher(inputs, s_rec)
-        t_logits = t_rec.level_logits(level) if "cls_logits" in t_rec else None
-        s_feats, t_feats = s_rec.features, t_rec.features
-        maps = {role: csgr.attention_maps(feats, level, role, teacher_logits=t_logits)
-                for role, feats in (("teacher", t_feats), ("student", s_feats))}
-    image_size = s_images.image_sizes[0]
+    image_size = tuple(s_images.image_sizes[0])
     orig_hw = rgb.shape[:2]
-    rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-    out_hw = rgb.shape[:2]
+    gt = Instances(image_size)
+    gt.gt_boxes = Boxes(gt_boxes_in_input(d, image_size, orig_hw))
+    pic = PictureInputs(args=args, d=d, student=s_rec, teacher=t_rec, gt_instances=[gt],
+                        level=level, stride=stride, image_size=image_size, orig_hw=orig_hw,
+                        rgb=cv2.resize(rgb, None, fx=scale, fy=scale,
+                                       interpolation=cv2.INTER_LINEAR),
+                        metadata=metadata, stem_path=stem_path)
     written = []
-    tiles = []
-    for role in ("teacher", "student"):
-        for k, name in enumerate(metadata.thing_classes):
-            heat = level_map_to_image(maps[role]["category"][0, k], stride, image_size, out_hw)
-            tiles.append(labelled(heatmap_on_image(rgb, heat), f"{role[0]}: {name}"))
-    written.append(_save(stem_path + "_csgr_category_attention.png",
-                         grid(tiles, cols=len(metadata.thing_classes))))
-
-    i, j = args.pixel or default_pixel(d, stride, image_size, orig_hw)
-    with torch.no_grad():
-        pix = {role: csgr.pixel_attention(feats, level, i, j, role)
-               for role, feats in (("teacher", t_feats), ("student", s_feats))}
-    scale_y, scale_x = out_hw[0] / image_size[0], out_hw[1] / image_size[1]
-    xy = ((j + 0.5) * stride * scale_x, (i + 0.5) * stride * scale_y)
-    tiles = [labelled(mark_pixel(heatmap_on_image(
-                 rgb, level_map_to_image(pix[role][0], stride, image_size, out_hw, smooth=False)),
-                 xy), f"{role}: ({i},{j}) {level}")
-             for role in ("teacher", "student")]
-    written.append(_save(stem_path + "_csgr_criss_cross.png", grid(tiles, cols=2)))
+    for name, distiller in distillers.items():
+        written += PICTURES[name](pic, distiller)
     return written
+
+
+def gt_boxes_in_input(d, image_size, orig_hw) -> torch.Tensor:
+    """The dataset dict's boxes ``[B, 4]`` (XYXY) in the model's resized input pixels."""
+    boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+             for a in d.get("annotations", [])]
+    sy, sx = image_size[0] / orig_hw[0], image_size[1] / orig_hw[1]
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * torch.tensor(
+        [sx, sy, sx, sy])
+
+
+def csgr_pictures(pic: PictureInputs, csgr) -> List[str]:
+    """CSGR's class attention (``<stem>_csgr_category_attention.png``: one tile per class,
+    teacher row above student row) and the criss-cross attention of one grid cell
+    (``<stem>_csgr_criss_cross.png``), teacher and student."""
+    level, stride = pic.level, pic.stride
+    t_logits = pic.teacher.level_logits(level) if "cls_logits" in pic.teacher else None
+    feats = {"teacher": pic.teacher.features, "student": pic.student.features}
+    with torch.no_grad():
+        maps = {role: csgr.attention_maps(f, level, role, teacher_logits=t_logits)
+                for role, f in feats.items()}
+    tiles = [labelled(pic.heat(maps[role]["category"][0, k]), f"{role[0]}: {name}")
+             for role in ("teacher", "student")
+             for k, name in enumerate(pic.metadata.thing_classes)]
+    written = [_save(pic.stem_path + "_csgr_category_attention.png",
+                     grid(tiles, cols=len(pic.metadata.thing_classes)))]
+
+    i, j = pic.args.pixel or default_pixel(pic.d, stride, pic.image_size, pic.orig_hw)
+    with torch.no_grad():
+        pix = {role: csgr.pixel_attention(f, level, i, j, role) for role, f in feats.items()}
+    out_hw = pic.rgb.shape[:2]
+    scale_y, scale_x = out_hw[0] / pic.image_size[0], out_hw[1] / pic.image_size[1]
+    xy = ((j + 0.5) * stride * scale_x, (i + 0.5) * stride * scale_y)
+    tiles = [labelled(mark_pixel(pic.heat(pix[role][0], smooth=False), xy),
+                      f"{role}: ({i},{j}) {level}") for role in ("teacher", "student")]
+    written.append(_save(pic.stem_path + "_csgr_criss_cross.png", grid(tiles, cols=2)))
+    return written
+
+
+def fgd_pictures(pic: PictureInputs, fgd) -> List[str]:
+    """FGD's weights on one level (``<stem>_fgd_masks_attention.png``): the foreground mask (with
+    the ground-truth boxes), the background mask (grid cells, min-max scaled), and the spatial
+    attention of teacher and student (the student's from its adapted map)."""
+    maps = fgd.maps(pic.student, pic.teacher, pic.gt_instances, pic.level)
+    out_hw = pic.rgb.shape[:2]
+    sy, sx = out_hw[0] / pic.image_size[0], out_hw[1] / pic.image_size[1]
+    fg = Visualizer(pic.heat(maps["fg"][0], smooth=False))
+    for box in pic.gt_instances[0].gt_boxes.tensor.tolist():
+        fg.draw_box([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy], edge_color="w")
+    scaling = fgd.box_scaling
+    tiles = [labelled(fg.output.get_image(), f"fg mask {pic.level} ({scaling})"),
+             labelled(pic.heat(maps["bg"][0], smooth=False), f"bg mask {pic.level}"),
+             labelled(pic.heat(maps["teacher_spatial"][0]), "teacher spatial attention"),
+             labelled(pic.heat(maps["student_spatial"][0]), "student spatial attention")]
+    return [_save(pic.stem_path + "_fgd_masks_attention.png", grid(tiles, cols=4))]
+
+
+#: methods with pictures of their own: registered name -> fn(PictureInputs, distiller) -> paths
+PICTURES = {"CSGR": csgr_pictures, "FGD": fgd_pictures}
 
 
 def default_pixel(d, stride, image_size, orig_hw):
     """Grid cell at the centre of the largest ground-truth box (or the image centre).
 
     ``image_size``: the model's resized input (h, w); ``orig_hw``: the dataset image (h, w)."""
-    from detectron2.structures import BoxMode
-
     boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
              for a in d.get("annotations", [])]
     if boxes:

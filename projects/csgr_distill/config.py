@@ -45,6 +45,14 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.TEACHER.WEIGHTS = ""
     # Extra KEY VALUE overrides for the teacher config, e.g. ["MODEL.RETINANET.NUM_CLASSES", 6].
     _C.MODEL.DISTILL.TEACHER.OPTS = []
+    # Inheriting (FGD's option; FGD's official same-family configs turn it on): a training run
+    # that starts from iteration 0 copies the teacher's neck and head (every student tensor
+    # outside backbone.bottom_up and the distillers: RetinaNet's FPN + head, Faster R-CNN's FPN +
+    # RPN + RoI heads) into the student, after MODEL.WEIGHTS is loaded (its neck/head tensors are
+    # replaced, with a warning); the bottom-up backbone stays the student's. Not applied when
+    # --resume continues from a checkpoint. Needs the same family and the same neck/head tensor
+    # names and shapes (checked at build time). csgr_distill/inherit.py.
+    _C.MODEL.DISTILL.INHERIT_TEACHER = False
 
     # Distillation-decay schedule: factor f(iter) multiplying the distillation losses of every
     # method that does not carry its own schedule (MODEL.DISTILL.<METHOD>.DECAY, below).
@@ -65,6 +73,77 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.CSGR.RECURRENCE = 1
     # CSGR's own schedule; "default" follows MODEL.DISTILL.DECAY (the paper does not decay).
     _C.MODEL.DISTILL.CSGR.DECAY = decay_node("default")
+
+    # MIMIC: FitNet-style feature mimicking (FitNets, ICLR 2015; Li et al., CVPR 2017), per level
+    # L = WEIGHT * mean over (N, C, H, W) of (r(S) - T)^2, r: 1x1 adapter where channels differ.
+    _C.MODEL.DISTILL.MIMIC = CN()
+    # Not a published value: no paper fixes one for whole-map FPN mimicking on these detectors
+    # (FitNets trains a classifier stage-wise with 1/2 ||.||^2; Li et al. mimic RPN-region
+    # features with their own weight). The loss here is a mean, independent of image size, batch
+    # and channel count, so 1.0 makes each level's term the mean squared feature difference, of
+    # the order of the detection losses for FPN maps of unit-order values; sweep it with
+    # `tools/benchmark.py gain --variant`.
+    _C.MODEL.DISTILL.MIMIC.WEIGHT = 1.0
+    # Levels distilled (present in both networks with equal strides); R-CNN configs: p2-p5.
+    _C.MODEL.DISTILL.MIMIC.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # MIMIC's own schedule; "default" follows MODEL.DISTILL.DECAY.
+    _C.MODEL.DISTILL.MIMIC.DECAY = decay_node("default")
+
+    # PKD: Pearson-correlation distillation (Cao et al., NeurIPS 2022), per level
+    # L = WEIGHT * mean over (N, C, H, W) of (S_hat - T_hat)^2 / 2, each channel standardised
+    # over (N, H, W) (as CSGR: zero mean, unit unbiased std, + 1e-6) = WEIGHT * (1 - Pearson r).
+    _C.MODEL.DISTILL.PKD = CN()
+    # Published: 6 for two-stage students and for RetinaNet-R50 2x students (the official
+    # RetinaNet X101 -> R50 config uses 10).
+    _C.MODEL.DISTILL.PKD.WEIGHT = 6.0
+    # Levels distilled (present in both networks with equal strides); R-CNN configs: p2-p5.
+    _C.MODEL.DISTILL.PKD.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # PKD's own schedule; "default" follows MODEL.DISTILL.DECAY (the paper does not decay).
+    _C.MODEL.DISTILL.PKD.DECAY = decay_node("default")
+
+    # KD: temperature KD (Hinton et al. 2015) on every anchor of the dense logits, teacher and
+    # student of the same family: dense students distil their class logits, Faster R-CNN students
+    # their RPN objectness logits (their only logits defined on every anchor; the RoI class
+    # logits of two networks belong to differently sampled proposals). Per anchor the KL of the
+    # softened teacher and student distributions; L = WEIGHT * T^2 * mean over all anchors.
+    _C.MODEL.DISTILL.KD = CN()
+    # Not a published value (no paper fixes one for dense-logit KD on these detectors). 1.0, the
+    # plain KL: being a mean over all anchors (most of them background, with near-zero KL), the
+    # loss is small next to a focal loss normalised by the positives, so it guides rather than
+    # overrides the detection loss; sweep it with `tools/benchmark.py gain --variant`.
+    _C.MODEL.DISTILL.KD.WEIGHT = 1.0
+    # Temperature T (Hinton's; T^2 keeps the gradient size). 1.0: the teacher's own
+    # probabilities. Not a published detection value: focal-loss heads put most anchors near 0,
+    # and T > 1 would pull all of them towards 0.5.
+    _C.MODEL.DISTILL.KD.TEMPERATURE = 1.0
+    # "sigmoid": sum over the K classes of Bernoulli KLs per anchor (heads trained with sigmoid /
+    # focal losses: RetinaNet, FCOS, the RPN); "softmax": one categorical KL over the K classes
+    # per anchor (heads trained with a softmax; needs K >= 2, so not the RPN).
+    _C.MODEL.DISTILL.KD.ACTIVATION = "sigmoid"
+    # KD's own schedule; "default" follows MODEL.DISTILL.DECAY.
+    _C.MODEL.DISTILL.KD.DECAY = decay_node("default")
+
+    # FGD: focal and global distillation (Yang et al., CVPR 2022; shared/methods/FGD.md), per
+    # level alpha*L_fg + beta*L_bg + gamma*L_at + lambda*L_gl (csgr_distill/distillers/fgd.py).
+    # The weights are the official RetinaNet (and GFL) ones; configs/Base-Distill-RCNN-FPN.yaml
+    # sets the official Faster / Mask R-CNN ones (5e-5, 2.5e-5, 5e-5, 5e-7).
+    _C.MODEL.DISTILL.FGD = CN()
+    # Attention temperature T_att (official: 0.5 for RetinaNet, GFL, Faster/Mask R-CNN and
+    # RepPoints; 0.8 for FCOS).
+    _C.MODEL.DISTILL.FGD.TEMPERATURE = 0.5
+    _C.MODEL.DISTILL.FGD.ALPHA = 1e-3  # foreground focal term (official RetinaNet)
+    _C.MODEL.DISTILL.FGD.BETA = 5e-4  # background focal term (official RetinaNet)
+    _C.MODEL.DISTILL.FGD.GAMMA = 5e-4  # attention term (official RetinaNet)
+    _C.MODEL.DISTILL.FGD.LAMBDA = 5e-6  # global (GC block) term (official RetinaNet)
+    # Levels distilled (present in both networks with equal strides); R-CNN configs: p2-p5.
+    _C.MODEL.DISTILL.FGD.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # How ground-truth boxes reach a level's grid: "padded" divides by the padded batch size
+    # (each box covers the cells under it); "unpadded" by the image's own size, as the official
+    # code does (boxes of an image smaller than the padded batch are stretched towards the
+    # padding).
+    _C.MODEL.DISTILL.FGD.BOX_SCALING = "padded"
+    # FGD's own schedule; "default" follows MODEL.DISTILL.DECAY (the paper does not decay).
+    _C.MODEL.DISTILL.FGD.DECAY = decay_node("default")
     return cfg
 
 

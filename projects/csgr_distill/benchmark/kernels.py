@@ -6,6 +6,7 @@ from typing import Dict, List
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
+from detectron2.structures import Boxes, Instances
 
 from ..config import add_distill_config
 from ..distillers import DISTILLER_REGISTRY
@@ -15,7 +16,7 @@ from ..layers.reference import NaiveCrissCrossAttention
 from ..outputs import DetectorOutputs
 from .common import header_lines, machine_info, markdown_table, matmul_flops, median, \
     method_variants, time_calls, write_results
-from .references import REFERENCE_LOSSES
+from .references import REFERENCE_LOSSES, GroundTruth
 
 LEVELS = {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
 
@@ -35,11 +36,29 @@ def _build(name, opts, channels, num_classes, device):
     shapes = {k: ShapeSpec(channels=channels, stride=s) for k, s in LEVELS.items()}
     distiller = DISTILLER_REGISTRY.get(name)(cfg, shapes, shapes).to(device)
     torch.manual_seed(0)
-    with torch.no_grad():  # a trained state: gamma != 0 so every term matters
-        for p in distiller.parameters():
+    with torch.no_grad():  # a trained state: CSGR's gamma and FGD's zero-initialised GC convs
+        for p in distiller.parameters():  # != 0, so every term matters
             if p.numel() == 1:
                 p.fill_(0.5)
+            elif not p.any():
+                p.normal_(0.0, 0.01)
     return distiller
+
+
+def synthetic_boxes(height: int, width: int, batch: int, per_image: int, generator,
+                    num_classes: int) -> List[Instances]:
+    """Per image ``per_image`` random ground-truth boxes (8 to 50 % of each side, classes at
+    random) as the detectors' training forward receives them, for the losses that read boxes."""
+    out = []
+    for _ in range(batch):
+        size = torch.rand(per_image, 2, generator=generator) * 0.42 + 0.08
+        wh = size * torch.tensor([width, height])
+        xy = torch.rand(per_image, 2, generator=generator) * (torch.tensor([width, height]) - wh)
+        inst = Instances((height, width))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+        inst.gt_classes = torch.randint(num_classes, (per_image,), generator=generator)
+        out.append(inst)
+    return out
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,12 +69,18 @@ def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333,
         channels: int = 256, num_classes: int = 6, repeats: int = 5, warmup: int = 1,
         command: str = "") -> dict:
     sizes = fpn_shapes(height, width)
+    padded = (math.ceil(height / 32) * 32, math.ceil(width / 32) * 32)
     g = torch.Generator().manual_seed(0)
     feats = {
         role: {k: torch.randn(batch, channels, h, w, generator=g).to(device) for k, (h, w) in
                sizes.items()}
         for role in ("student", "teacher")
     }
+    # ground truth for the methods that read boxes (FGD's masks): 8 boxes per image
+    gt_instances = synthetic_boxes(height, width, batch, 8, g, num_classes)
+    gt = GroundTruth([i.gt_boxes.tensor for i in gt_instances], [(height, width)] * batch,
+                     padded)
+    gt_instances = [i.to(device) for i in gt_instances]
     rows: List[dict] = []
     for label, opts in method_variants().items():
         name = opts[1][0]
@@ -66,16 +91,16 @@ def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333,
         if any(set(f) != {"features"} for f in fields_by_role(distiller).values()):
             continue  # the loss kernel needs detector head outputs (e.g. teacher_head): skipped
         s_feats = {k: v.clone().requires_grad_(True) for k, v in feats["student"].items()}
-        s_out = DetectorOutputs("features", [(height, width)] * batch, (height, width),
+        s_out = DetectorOutputs("features", [(height, width)] * batch, padded,
                                 features=s_feats, feature_names=list(LEVELS))
-        t_out = DetectorOutputs("features", [(height, width)] * batch, (height, width),
+        t_out = DetectorOutputs("features", [(height, width)] * batch, padded,
                                 features=feats["teacher"], feature_names=list(LEVELS))
 
         def ours():
-            return distiller(s_out, t_out, [])
+            return distiller(s_out, t_out, gt_instances)
 
         def reference():
-            return REFERENCE_LOSSES[name](distiller, s_feats, feats["teacher"])
+            return REFERENCE_LOSSES[name](distiller, s_feats, feats["teacher"], gt)
 
         results = {}
         for key, fn in (("ours", ours), ("reference", reference)):
@@ -107,7 +132,7 @@ def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333,
                      "reference_ms": 1e3 * median(t_ref),
                      "speedup": median(t_ref) / median(t_ours),
                      "ours_gflop": flops["ours"] / 1e9, "reference_gflop": flops["reference"] / 1e9,
-                     "flop_ratio": flops["reference"] / flops["ours"],
+                     "flop_ratio": flops["reference"] / flops["ours"] if flops["ours"] else float("nan"),
                      "max_rel_diff_loss": loss_rel, "max_rel_diff_grad": grad_rel})
 
     # the criss-cross layer alone, at the largest level

@@ -11,6 +11,7 @@ from ..data.checks import check_training_data
 from ..data.errors import check_datasets
 from ..evaluation import build_evaluator
 from ..export import write_student
+from ..inherit import INHERIT_KEY, changed_since, inherit_from_teacher, snapshot
 from .decay import DistillDecayHook
 from .optimizer import build_optimizer
 from .utils import unwrap_model
@@ -47,6 +48,9 @@ class DistillTrainer(DefaultTrainer):
       (:func:`csgr_distill.data.checks.check_training_data`);
     * builds and attaches the teacher (strict load) before the first step when
       ``MODEL.DISTILL.ENABLED``;
+    * with ``MODEL.DISTILL.INHERIT_TEACHER``, :meth:`resume_or_load` copies the teacher's neck and
+      head into the student after ``MODEL.WEIGHTS`` is loaded, unless it resumes from a
+      checkpoint (:mod:`csgr_distill.inherit`); ``self.inherited`` is the report (else None);
     * applies ``MODEL.DISTILL.DECAY`` before every step and logs ``distill/factor``; every
       distillation loss is part of the loss dict, so it reaches EventStorage (TensorBoard,
       metrics.json) like the detection losses;
@@ -63,7 +67,8 @@ class DistillTrainer(DefaultTrainer):
     is *not* bit-identical to an uninterrupted one: the data order (detectron2's
     ``TrainingSampler`` restarts its seeded stream, so other batches follow), the random-number
     states (augmentations), RetinaNet's loss-normaliser EMA (a plain attribute, back at its
-    initial 100), and EventStorage's metric history and smoothing windows.
+    initial 100), and EventStorage's metric history and smoothing windows. A resumed run does not
+    inherit the teacher's neck and head again (``MODEL.DISTILL.INHERIT_TEACHER``).
     """
 
     def __init__(self, cfg):
@@ -72,8 +77,33 @@ class DistillTrainer(DefaultTrainer):
         check_training_data(cfg)
         super().__init__(cfg)
         student = unwrap_model(self.model)
+        self.inherited = None
         if getattr(student, "distill_enabled", False):
             student.attach_teacher()
+
+    def resume_or_load(self, resume=True):
+        """detectron2's ``resume_or_load`` (``MODEL.WEIGHTS``, or the last checkpoint of
+        ``OUTPUT_DIR`` with ``resume``), then ``MODEL.DISTILL.INHERIT_TEACHER``: a run that starts
+        at iteration 0 copies the teacher's neck and head into the student (the bottom-up stays
+        the student's; neck/head tensors that ``MODEL.WEIGHTS`` loaded are replaced, with a
+        warning); a run resumed from a checkpoint does not (the checkpoint holds them as
+        trained). Call it before ``train()``, as ``tools/train_net.py`` does."""
+        student = unwrap_model(self.model)
+        inherit = (getattr(student, "distill_enabled", False)
+                   and self.cfg.MODEL.DISTILL.get("INHERIT_TEACHER", False))
+        before = snapshot(student) if inherit else None
+        super().resume_or_load(resume=resume)
+        self.inherited = None
+        if not inherit:
+            return
+        if resume and self.checkpointer.has_checkpoint():
+            logger.info("%s: not applied, resumed from %s at iteration %d: the checkpoint holds "
+                        "the student's neck and head as trained so far", INHERIT_KEY,
+                        self.checkpointer.get_checkpoint_file(), self.start_iter)
+            return
+        self.inherited = inherit_from_teacher(
+            student, student.teacher.model, self.cfg.MODEL.DISTILL.TEACHER.CONFIG,
+            replaced=changed_since(student, before))
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):

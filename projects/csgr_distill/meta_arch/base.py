@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..distillers import build_distillers
 from ..distillers.registry import fields_by_role
+from ..inherit import TeacherLayout, check_inheritable, teacher_layout
 from ..outputs import ROLES, DetectorOutputs
 from ..records import DetectorSpec, check_level_pairs, grid_multiple, pad_images, recorder_for
 from ..teacher import FrozenTeacher, build_teacher_cfg
@@ -65,13 +66,17 @@ def distill_init_kwargs(cfg, model_type: type, backbone) -> dict:
             spec.recorder.check_fields(wanted, role, who)
             fields[role].update(wanted)
         check_level_pairs(getattr(d, "in_features", ()), student, teacher, who)
-    return {
+    ret = {
         "distillers": distillers,
         "distill_cfg": cfg,
         "teacher_spec": teacher,
         "distill_fields": {r: tuple(sorted(f)) for r, f in fields.items()},
         "grid_multiple": grid_multiple(student, teacher),
     }
+    if cfg.MODEL.DISTILL.get("INHERIT_TEACHER", False):
+        # checked against the student's neck/head in __init__ (csgr_distill.inherit)
+        ret["inherit_layout"] = teacher_layout(tcfg, cfg.MODEL.DISTILL.TEACHER.CONFIG)
+    return ret
 
 
 class DistillMixin:
@@ -92,7 +97,8 @@ class DistillMixin:
     def __init__(self, *, distillers: Optional[nn.ModuleDict] = None, distill_cfg=None,
                  teacher_spec: Optional[DetectorSpec] = None,
                  distill_fields: Optional[Dict[str, Tuple[str, ...]]] = None,
-                 grid_multiple: int = 1, **kwargs):
+                 grid_multiple: int = 1, inherit_layout: Optional[TeacherLayout] = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.distillers = distillers
         self.distill_factor = 1.0
@@ -107,6 +113,10 @@ class DistillMixin:
         self.distill_fields = distill_fields or {r: () for r in ROLES}
         self.recorder.check_fields(self.distill_fields["student"], "student",
                                    f"{type(self).__name__}'s distillers")
+        if inherit_layout is not None:
+            # MODEL.DISTILL.INHERIT_TEACHER: refuse a teacher whose neck/head differ now, at
+            # build time; the copy itself is DistillTrainer.resume_or_load's
+            check_inheritable(self, inherit_layout)
 
     @classmethod
     def from_config(cls, cfg):

@@ -1,0 +1,184 @@
+"""KD: logit distillation on every anchor of a dense head (a baseline).
+
+Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", arXiv:1503.02531, 2015:
+the student matches the teacher's temperature-softened output distribution, the loss
+scaled by ``T^2`` so that its gradients keep their size when T changes. Here applied to the
+dense logits of a detector, anchor by anchor.
+"""
+from typing import Dict
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..records import recorder_for
+from ..teacher import num_classes_of
+from .registry import register_distiller
+
+__all__ = ["KDDistiller", "sigmoid_kl", "softmax_kl", "FAMILY_LOGITS"]
+
+_ACTIVATIONS = ("sigmoid", "softmax")
+
+#: student family -> the record field KD distils: the class logits of dense heads, the RPN
+#: objectness logits of R-CNNs (their only logits defined on every anchor)
+FAMILY_LOGITS = {"dense": "cls_logits", "rcnn": "rpn_objectness_logits"}
+
+
+def sigmoid_kl(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""Elementwise Bernoulli KL ``KL(sigma(t/T) || sigma(s/T))``, the shape of the inputs.
+
+    ``p log(p/q) + (1-p) log((1-p)/(1-q))`` with ``p = sigma(t/T)``, ``q = sigma(s/T)``, computed
+    as ``BCE(s/T, p) - BCE(t/T, p)`` (soft-target binary cross-entropy minus the teacher's
+    entropy, both from logits): the gradient of the soft-target BCE, and exactly 0 for equal
+    logits.
+    """
+    s, t = student / temperature, teacher / temperature
+    p = torch.sigmoid(t)
+    return (F.binary_cross_entropy_with_logits(s, p, reduction="none")
+            - F.binary_cross_entropy_with_logits(t, p, reduction="none"))
+
+
+def softmax_kl(student: Tensor, teacher: Tensor, num_classes: int,
+               temperature: float = 1.0) -> Tensor:
+    r"""Per-anchor categorical KL ``sum_k p_k log(p_k / q_k)``, ``p = softmax(t/T)``,
+    ``q = softmax(s/T)`` over the K classes of each anchor.
+
+    ``[N, A*K, H, W]`` (anchor-major, as detectron2's heads lay them out) -> ``[N, A, H, W]``.
+    """
+    n, ak, h, w = student.shape
+    shape = (n, ak // num_classes, num_classes, h, w)
+    log_q = F.log_softmax(student.reshape(shape) / temperature, dim=2)
+    log_p = F.log_softmax(teacher.reshape(shape) / temperature, dim=2)
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=2)
+
+
+@register_distiller("KD")
+class KDDistiller(nn.Module):
+    r"""Temperature KD between the dense logits of student and teacher, on all anchors.
+
+    What is distilled, chosen by the student's family (its meta-architecture's recorder):
+
+    * dense detectors (RetinaNet, FCOS, ...): the class logits ``[N, A*K, H_l, W_l]`` of every
+      head level (record field ``cls_logits``), K = the class count;
+    * R-CNN: the RPN objectness logits ``[N, A, H_l, W_l]`` of every RPN level (record field
+      ``rpn_objectness_logits``), K = 1. They are the two-stage detector's only dense logits; its
+      RoI class logits belong to proposals sampled separately in each network, with no anchor
+      correspondence, so KD on R-CNN teaches objectness, not classes.
+
+    The teacher must record the same field (same family) with the same anchors per cell and K:
+    a mismatch is an error naming the shapes.
+
+    Per anchor ``a`` (image, level, cell, anchor), with student logits ``s_a`` and teacher logits
+    ``t_a`` (teacher detached), temperature T:
+
+    * ``activation="sigmoid"`` (heads trained with sigmoid/focal losses: RetinaNet, FCOS, the RPN):
+      ``KL_a = sum_k KL(Bernoulli(sigma(t_ak / T)) || Bernoulli(sigma(s_ak / T)))``;
+    * ``activation="softmax"`` (heads trained with a softmax over classes; needs K >= 2):
+      ``KL_a = KL(softmax(t_a / T) || softmax(s_a / T))``.
+
+    Normalisation: the mean over all anchors of all levels and images, times ``T^2`` (Hinton's
+    factor), times ``weight``:
+
+    ``L = weight * T^2 * (1 / #anchors) * sum_a KL_a``, ``#anchors = N * sum_l A * H_l * W_l``.
+
+    Returned per level as ``loss_kd_<level>`` = that level's share of the sum (its anchors' KL
+    over the total anchor count), so the levels add up to L. Padding cells count as anchors.
+    KD has no parameters.
+    """
+
+    loss_weight_keys = {"loss_kd": "MODEL.DISTILL.KD.WEIGHT"}
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        field: str,
+        classes_per_anchor: int,
+        weight: float,
+        temperature: float,
+        activation: str = "sigmoid",
+    ):
+        """
+        Args:
+            field: the record field holding the logits, per level ``[N, A*K, H, W]`` (a list
+                aligned with ``feature_names``, or a dict level -> tensor).
+            classes_per_anchor: K (1 for RPN objectness).
+            weight: multiplies the loss; temperature: T > 0.
+            activation: "sigmoid" or "softmax" (see the class docstring).
+        """
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"MODEL.DISTILL.KD.ACTIVATION must be one of {_ACTIVATIONS}, got "
+                             f"{activation!r}")
+        if not float(temperature) > 0:
+            raise ValueError(f"MODEL.DISTILL.KD.TEMPERATURE must be > 0, got {temperature!r}")
+        if int(classes_per_anchor) < 1:
+            raise ValueError(f"KD needs at least one logit per anchor, got {classes_per_anchor}")
+        if activation == "softmax" and int(classes_per_anchor) < 2:
+            raise ValueError(
+                f"MODEL.DISTILL.KD.ACTIVATION 'softmax' needs >= 2 logits per anchor, but "
+                f"{field!r} has {classes_per_anchor} (the RPN's objectness is one sigmoid logit "
+                "per anchor; a softmax over one logit is constant): use 'sigmoid'")
+        self.field = field
+        self.classes_per_anchor = int(classes_per_anchor)
+        self.weight = float(weight)
+        self.temperature = float(temperature)
+        self.activation = activation
+        self.required_outputs = {"student": (field,), "teacher": (field,)}
+
+    @classmethod
+    def from_config(cls, cfg, student_shapes, teacher_shapes):
+        arch = cfg.MODEL.META_ARCHITECTURE
+        family = recorder_for(META_ARCH_REGISTRY.get(arch)).family
+        if family not in FAMILY_LOGITS:
+            raise ValueError(
+                f"MODEL.DISTILL.METHODS 'KD' distils the class logits of dense detectors or the "
+                f"RPN objectness of R-CNNs; the student {arch} is a {family!r} detector. Use a "
+                "feature method (MIMIC, PKD, CSGR) for it")
+        c = cfg.MODEL.DISTILL.KD
+        return {
+            "field": FAMILY_LOGITS[family],
+            "classes_per_anchor": num_classes_of(cfg) if family == "dense" else 1,
+            "weight": c.WEIGHT,
+            "temperature": c.TEMPERATURE,
+            "activation": c.ACTIVATION,
+        }
+
+    def level_logits(self, out, role: str) -> Dict[str, Tensor]:
+        """level -> logits ``[N, A*K, H, W]`` of one record."""
+        value = out[self.field]
+        levels = value if isinstance(value, dict) else dict(zip(out.feature_names, value))
+        for level, x in levels.items():
+            if x.dim() != 4 or x.shape[1] % self.classes_per_anchor:
+                raise ValueError(
+                    f"KD: the {role}'s {self.field} at {level!r} has shape {tuple(x.shape)}, not "
+                    f"[N, A*K, H, W] with K = {self.classes_per_anchor}")
+        return levels
+
+    def anchor_kl(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """Summed ``KL_a`` over the anchors of one level (a scalar); inputs ``[N, A*K, H, W]``."""
+        if self.activation == "sigmoid":
+            return sigmoid_kl(student, teacher, self.temperature).sum()
+        return softmax_kl(student, teacher, self.classes_per_anchor, self.temperature).sum()
+
+    def forward(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
+        """``(DetectorOutputs, DetectorOutputs, list[Instances]) -> {"loss_kd_<level>": ...}``,
+        which sum to ``weight * T^2 * mean over anchors of KL_a``. ``gt_instances`` is unused."""
+        s_levels = self.level_logits(student, "student")
+        t_levels = self.level_logits(teacher, "teacher")
+        if list(s_levels) != list(t_levels):
+            raise ValueError(
+                f"KD: the student's {self.field} levels {list(s_levels)} differ from the "
+                f"teacher's {list(t_levels)}; KD pairs the heads level by level")
+        for level, s in s_levels.items():
+            if s.shape != t_levels[level].shape:
+                raise ValueError(
+                    f"KD level {level!r}: student logits {tuple(s.shape)} and teacher logits "
+                    f"{tuple(t_levels[level].shape)} differ; KD needs the same anchors per cell "
+                    "(MODEL.ANCHOR_GENERATOR), classes and grid in both")
+        num_anchors = sum(s.numel() // self.classes_per_anchor for s in s_levels.values())
+        scale = self.weight * self.temperature ** 2 / max(num_anchors, 1)
+        return {f"loss_kd_{level}": scale * self.anchor_kl(s, t_levels[level].detach())
+                for level, s in s_levels.items()}

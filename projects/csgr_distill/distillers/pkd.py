@@ -1,0 +1,52 @@
+"""PKD: feature distillation through the Pearson correlation coefficient (a baseline).
+
+Cao et al., "PKD: General Distillation Framework for Object Detectors via Pearson Correlation
+Coefficient", NeurIPS 2022 (official code: mmrazor's ``PKDLoss``).
+"""
+from torch import Tensor
+from torch.nn import functional as F
+
+from ..layers.adapters import channel_standardize
+from .mimic import MIMICDistiller
+from .registry import register_distiller
+
+__all__ = ["PKDDistiller", "pearson_loss"]
+
+
+def pearson_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    r"""``mean((S_hat - T_hat)^2) / 2`` of two ``[N, C, H, W]`` maps, a scalar.
+
+    ``X_hat = (X - mu_c) / (sigma_c + 1e-6)``, mu and the unbiased sigma per channel c over
+    (N, H, W) (:func:`channel_standardize`, the standardisation CSGR uses and mmrazor's
+    ``PKDLoss.norm``). With ``M = N*H*W`` values per channel and ``r_c`` the Pearson correlation
+    of channel c between student and teacher, this is ``(M - 1)/M * (1 - mean_c r_c)`` (up to
+    the 1e-6): 0 for perfectly correlated maps, 1 for uncorrelated ones, whatever the scale and
+    offset of either network's channels.
+    """
+    return F.mse_loss(channel_standardize(student), channel_standardize(teacher)) / 2
+
+
+@register_distiller("PKD")
+class PKDDistiller(MIMICDistiller):
+    r"""Per FPN level, with student map ``S`` ``[N, Cs, H, W]`` and teacher map ``T``
+    ``[N, C, H, W]`` (teacher detached):
+
+    ``L = weight * (1 / (N*C*H*W)) * sum_{n,c,h,w} (S_hat - T_hat)^2 / 2``
+
+    where ``S_hat`` standardises ``r(S)`` and ``T_hat`` standardises ``T`` channel by channel over
+    (N, H, W) (:func:`pearson_loss`), ``r`` the 1x1 adapter when Cs != C (the paper's students and
+    teachers share 256-channel FPNs; the adapter is this project's addition for narrower
+    students). ``weight`` is 6 in the paper's two-stage and RetinaNet-R50 2x configs (10 in the
+    RetinaNet X101 -> R50 one). This is MIMIC on standardised maps, halved: the level pairing,
+    adapters and checks are MIMIC's. Returned per level as ``loss_pkd_<level>``.
+
+    Unlike mmrazor, a level with a single value per channel (batch 1 at a 1x1 p7) gives 0, not
+    NaN, and a grid mismatch is an error, not a bilinear resize: both see the same padded grid.
+    """
+
+    config_node = "PKD"
+    loss_prefix = "loss_pkd"
+
+    def level_loss(self, s_feat: Tensor, t_feat: Tensor, level: str) -> Tensor:
+        """Unweighted ``pearson_loss(r(S), T)`` of one level, a scalar."""
+        return pearson_loss(self.adapters[level](s_feat), t_feat)
