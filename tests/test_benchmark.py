@@ -26,6 +26,9 @@ def test_kernels_ours_equals_the_straightforward_formula(tmp_path):
         # one value projection instead of two in the last pass: fewer matmul FLOPs
         assert 1.0 < rows[label]["flop_ratio"] < 2.0
     assert rows["CSGR"]["flop_ratio"] > rows["CSGR recurrence 2"]["flop_ratio"]
+    for name in ("FGD", "MIMIC", "PKD", "TAR"):  # every feature method meets its reference
+        assert rows[name]["max_rel_diff_loss"] < 1e-4, name
+        assert rows[name]["max_rel_diff_grad"] < 1e-3, name
     assert "kernels (cpu)" in (tmp_path / "kernels.md").read_text()
 
 

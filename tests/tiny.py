@@ -102,6 +102,7 @@ def rcnn_base_cfg(output_dir, fpn_channels=16):
     cfg.merge_from_file(model_zoo.get_config_file("Base-RCNN-FPN.yaml"))
     cfg.SOLVER, cfg.INPUT, cfg.DATALOADER = tiny.SOLVER, tiny.INPUT, tiny.DATALOADER
     cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    cfg.MODEL.DISTILL.TAR = add_distill_config(get_cfg()).MODEL.DISTILL.TAR  # RetinaNet: RoIs off
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.RESNETS.DEPTH = 18
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64

@@ -144,6 +144,40 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.FGD.BOX_SCALING = "padded"
     # FGD's own schedule; "default" follows MODEL.DISTILL.DECAY (the paper does not decay).
     _C.MODEL.DISTILL.FGD.DECAY = decay_node("default")
+
+    # TAR: task adaptive regularization (Sun et al., arXiv 2006.13108; shared/methods/TAR.md;
+    # csgr_distill/distillers/tar.py). The paper gives none of its loss weights or
+    # hyperparameters and has no public code: every value below not marked "spec" is our choice
+    # (README "TAR: chosen values" says how each was chosen). A weight of 0 turns its term off;
+    # configs/Base-Distill-RetinaNet.yaml turns the RoI terms off (a dense detector has no RoIs).
+    _C.MODEL.DISTILL.TAR = CN()
+    # Gaussian-mask feature imitation, per level sum M (r(S) - T)^2 / sum M (spec). The sum runs
+    # over the channels too, so a level's term is about C times a per-channel squared difference:
+    # 4e-3 ~ 1/256 makes it the mean squared difference inside the mask, MIMIC's scale (chosen).
+    _C.MODEL.DISTILL.TAR.FEAT_WEIGHT = 4e-3
+    # sigma = SIGMA_SCALE x box size, in grid units (spec default: half the box size).
+    _C.MODEL.DISTILL.TAR.SIGMA_SCALE = 0.5
+    # Levels of the feature term (present in both networks with equal strides); R-CNN configs:
+    # p2-p5.
+    _C.MODEL.DISTILL.TAR.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Classification-head KD on the shared RoIs, tau^2 KL(p_t || p_s) over K + 1 classes (spec).
+    # Weight 1: the scale of the box head's own cross-entropy (chosen); tau 1 (spec's start).
+    _C.MODEL.DISTILL.TAR.CLS_WEIGHT = 1.0
+    _C.MODEL.DISTILL.TAR.TEMPERATURE = 1.0
+    # Adaptive regression distillation on the positive shared RoIs (spec): weight 1, the scale
+    # of the box head's own regression loss (chosen); smooth-L1 beta 1.0, Fast R-CNN's smooth L1
+    # (the paper names smooth L1 without a beta; 0 gives L1).
+    _C.MODEL.DISTILL.TAR.REG_WEIGHT = 1.0
+    _C.MODEL.DISTILL.TAR.REG_BETA = 1.0
+    # The teacher's box is a target where its IoU with the matched GT beats the student's box
+    # ("student", spec default) or the RoI's own ("proposal").
+    _C.MODEL.DISTILL.TAR.REG_COMPARE = "student"
+    # Region proposal sharing: both box heads answer for the student's sampled RoIs ("student",
+    # spec default), the teacher's own RoIs sampled by its ROI heads ("teacher"), or both
+    # ("union"). The last two run the student's box head a second time on the extra RoIs.
+    _C.MODEL.DISTILL.TAR.PROPOSALS = "student"
+    # TAR's distillation decay (spec): linear from 1 at iteration 0 to 0 at SOLVER.MAX_ITER.
+    _C.MODEL.DISTILL.TAR.DECAY = decay_node("linear")
     return cfg
 
 

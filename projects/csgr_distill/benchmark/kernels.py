@@ -1,6 +1,7 @@
 """kernels: forward+backward time of each distiller's loss on realistic FPN shapes, ours against a
 straightforward implementation of the same formula (``references.py``), plus their difference."""
 import math
+import os
 from typing import Dict, List
 
 import torch
@@ -14,6 +15,7 @@ from ..distillers.registry import fields_by_role
 from ..layers import CrissCrossAttention
 from ..layers.reference import NaiveCrissCrossAttention
 from ..outputs import DetectorOutputs
+from ..teacher import REPO_ROOT
 from .common import header_lines, machine_info, markdown_table, matmul_flops, median, \
     method_variants, time_calls, write_results
 from .references import REFERENCE_LOSSES, GroundTruth
@@ -30,6 +32,8 @@ def fpn_shapes(height: int, width: int, divisibility: int = 32) -> Dict[str, tup
 
 def _build(name, opts, channels, num_classes, device):
     cfg = add_distill_config(get_cfg())
+    # the p3-p7 maps are a RetinaNet's: its detector config (e.g. TAR without RoI terms)
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/Base-RetinaNet-SODA10M.yaml"))
     cfg.MODEL.META_ARCHITECTURE = "DistillRetinaNet"
     cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
     cfg.merge_from_list(opts)

@@ -174,10 +174,40 @@ def straightforward_fgd(distiller, student: Dict[str, Tensor], teacher: Dict[str
     return losses
 
 
+def straightforward_tar(distiller, student: Dict[str, Tensor], teacher: Dict[str, Tensor],
+                        gt: "GroundTruth" = None):
+    """TAR.md's feature term written plainly: per image, per box a full Gaussian over the grid
+    from a meshgrid of cell centres, the mask as the running maximum, then ``sum M (r(S) - T)^2 /
+    sum M`` per level. (Its RoI terms read box-head outputs, not the maps this harness feeds.)"""
+    if gt is None:
+        raise ValueError("straightforward_tar needs the batch's ground truth (gt)")
+    losses = {}
+    for level in distiller.in_features:
+        s = distiller.adapters[level](student[level])
+        t = teacher[level].detach()
+        n, _, h, w = t.shape
+        ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        mask = torch.zeros(n, h, w)
+        for i, boxes in enumerate(gt.boxes):
+            for x1, y1, x2, y2 in boxes.tolist():
+                x1, x2 = x1 * w / gt.padded_size[1], x2 * w / gt.padded_size[1]
+                y1, y2 = y1 * h / gt.padded_size[0], y2 * h / gt.padded_size[0]
+                sx = max((x2 - x1) * distiller.sigma_scale, 1e-6)
+                sy = max((y2 - y1) * distiller.sigma_scale, 1e-6)
+                g = torch.exp(-((xs - (x1 + x2) / 2) ** 2 / (2 * sx * sx)
+                                + (ys - (y1 + y2) / 2) ** 2 / (2 * sy * sy)))
+                mask[i] = torch.maximum(mask[i], g)
+        mask = mask.to(t.device)[:, None]
+        value = ((s - t) ** 2 * mask).sum() / mask.sum().clamp_min(1e-12)
+        losses[f"loss_tar_feat_{level}"] = distiller.feat_weight * value
+    return losses
+
+
 #: distiller name -> fn(distiller, student_features, teacher_features) -> losses. KD is absent:
 #: it reads head logits, not the feature maps this harness feeds (tests/test_baselines.py checks
 #: it against its direct formula).
 REFERENCE_LOSSES: Dict[str, Callable] = {"CSGR": straightforward_csgr,
                                          "MIMIC": straightforward_mimic,
                                          "PKD": straightforward_pkd,
-                                         "FGD": straightforward_fgd}
+                                         "FGD": straightforward_fgd,
+                                         "TAR": straightforward_tar}

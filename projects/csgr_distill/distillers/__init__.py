@@ -2,7 +2,8 @@
 from .registry import DISTILLER_REGISTRY, build_distillers, register_distiller, \
     registered_distillers
 from . import csgr  # noqa: F401  (registers "CSGR")
-from . import fgd, kd, mimic, pkd  # noqa: F401  (register "FGD", "KD", "MIMIC", "PKD")
+# register "FGD", "KD", "MIMIC", "PKD", "TAR"
+from . import fgd, kd, mimic, pkd, tar  # noqa: F401
 
 __all__ = ["DISTILLER_REGISTRY", "build_distillers", "register_distiller",
            "registered_distillers"]

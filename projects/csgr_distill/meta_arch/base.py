@@ -164,7 +164,8 @@ class DistillMixin:
         if not (self.training and self.distill_enabled):
             return super().forward(batched_inputs)
         fields = self.distill_fields["student"]
-        with self._recording(self.recorder.hook_modules(self, fields)) as record:
+        with self._recording(self.recorder.hook_modules(self, fields),
+                             self.recorder.capture_methods(self, fields)) as record:
             losses = super().forward(batched_inputs)
         student = self.recorder.from_hooks(self, record, batched_inputs, fields)
         with torch.no_grad():
@@ -181,9 +182,12 @@ class DistillMixin:
         return images
 
     @contextlib.contextmanager
-    def _recording(self, modules: Dict[str, nn.Module]):
-        """Capture one forward pass with forward hooks: ``record[name]`` is the module's output,
-        ``record[name + "_input"]`` its first positional input."""
+    def _recording(self, modules: Dict[str, nn.Module],
+                   methods: Optional[Dict[str, Tuple[object, str]]] = None):
+        """Capture one forward pass: with forward hooks, ``record[name]`` is the module's output
+        and ``record[name + "_input"]`` its first positional input; for ``methods`` (key ->
+        ``(object, method name)``), ``record[key]`` is what that method returned (the method is
+        wrapped on the instance for the duration and restored afterwards)."""
         record: Dict[str, object] = {}
 
         def hook(key):
@@ -192,12 +196,28 @@ class DistillMixin:
                 record[key + "_input"] = inputs[0] if inputs else None
             return fn
 
+        def wrap(key, method):
+            def fn(*args, **kwargs):
+                record[key] = method(*args, **kwargs)
+                return record[key]
+            return fn
+
         handles = [m.register_forward_hook(hook(key)) for key, m in modules.items()]
+        wrapped = []
         try:
+            for key, (obj, name) in (methods or {}).items():
+                had_own = name in vars(obj)
+                wrapped.append((obj, name, had_own, vars(obj).get(name)))
+                setattr(obj, name, wrap(key, getattr(obj, name)))
             yield record
         finally:
             for h in handles:
                 h.remove()
+            for obj, name, had_own, own in reversed(wrapped):
+                if had_own:
+                    setattr(obj, name, own)
+                else:
+                    delattr(obj, name)
 
     def teacher_inputs(self, batched_inputs: List[dict]) -> List[dict]:
         """The batch in the teacher's channel order (its INPUT.FORMAT, RGB or BGR): what the

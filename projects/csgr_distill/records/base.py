@@ -3,9 +3,11 @@
 A recorder is chosen by the model's type (:func:`recorder_for`), never by the role: the same
 object records a RetinaNet whether it is the student or the teacher.
 
-* **student role** (:meth:`Recorder.hook_modules` + :meth:`Recorder.from_hooks`): the student runs
-  detectron2's own training ``forward`` unchanged; forward hooks on the modules the recorder names
-  capture what the fields need, and the recorder turns the captures into a
+* **student role** (:meth:`Recorder.hook_modules`, :meth:`Recorder.capture_methods` +
+  :meth:`Recorder.from_hooks`): the student runs detectron2's own training ``forward``
+  unchanged; forward hooks on the modules the recorder names (and wrappers around the few
+  methods it names, such as the R-CNN's RoI sampling) capture what the fields need, and the
+  recorder turns the captures into a
   :class:`~csgr_distill.outputs.DetectorOutputs`. No second student forward.
 * **teacher role** (:meth:`Recorder.record`, also used to draw any model's record): under
   ``no_grad`` the recorder runs only the
@@ -56,6 +58,13 @@ class Recorder:
         The capture ``record[key]`` is the module's output, ``record[key + "_input"]`` its first
         positional input. Default: the backbone."""
         return {"backbone": model.backbone}
+
+    def capture_methods(self, model: nn.Module,
+                        fields: Tuple[str, ...]) -> Dict[str, Tuple[object, str]]:
+        """Methods (not modules) whose return value the student's training forward must keep:
+        capture key -> ``(object, method name)``; ``record[key]`` is the value the method
+        returned during the forward (e.g. the R-CNN's sampled RoIs). Default: none."""
+        return {}
 
     def from_hooks(self, model: nn.Module, record: dict, batched_inputs: List[dict],
                    fields: Tuple[str, ...]) -> DetectorOutputs:
