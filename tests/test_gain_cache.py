@@ -42,7 +42,7 @@ class FakeTrainNet:
             kind = "eval"
             with open(os.path.join(out, "eval_results.json"), "w") as f:
                 json.dump({"bbox": bbox}, f)
-        elif config == gain.TEACHER_CFG:
+        elif config in (gain.TEACHER_CFG, gain.DETECTORS["rcnn"][0]):
             kind = "teacher"
             with open(os.path.join(out, "model_final.pth"), "wb") as f:
                 f.write(b"fake teacher weights")
@@ -237,3 +237,23 @@ def test_a_run_killed_before_it_finished_is_trained_again_from_a_clean_folder(tm
     for label, rs in payload["runs"].items():
         assert [it for it, _ in rs[0]["curve"]] == [200, 400, 600], label
     assert (tmp_path / "results" / "gain_curves.png").is_file()
+
+
+def test_rcnn_detector_trains_the_faster_rcnn_pair_with_tars_ablation(tmp_path, fake):
+    """--detector rcnn: the Faster R-CNN demo teacher and student configs, TAR's ablation runs
+    and CSGR+TAR heads in the plan; the RetinaNet plan has none of them."""
+    t_config, s_config, _ = gain.DETECTORS["rcnn"]
+    ablation = ["TAR features, no decay", "TAR features + cls, no decay",
+                "TAR features + cls + reg, no decay", "CSGR+TAR heads"]
+    plan = gain.method_runs(None, None, "rcnn")
+    assert set(ablation) <= set(plan) and "TAR" in plan
+    assert not set(ablation) & set(gain.method_runs())
+    gain.check_overrides(plan, gain.student_cfg((), s_config))  # valid keys of the R-CNN student
+    payload = _run(tmp_path, methods=["TAR"] + ablation, detector="rcnn")
+    assert [c[1] for c in fake.calls if c[0] == "teacher"] == [t_config]
+    students = [c for c in fake.calls if c[0] == "student"]
+    assert len(students) == 6 and {c[1] for c in students} == {s_config}
+    assert {r["method"] for r in payload["rows"]} == {gain.BASELINE, "TAR", *ablation}
+    assert "Faster R-CNN" in payload["setting"]
+    with pytest.raises(SystemExit, match="--detector 'yolo'"):
+        _run(tmp_path, detector="yolo")

@@ -286,6 +286,15 @@ def test_both_heads_answer_for_identical_rois(tmp_path, tiny_shapes, rcnn_teache
     assert all(torch.isfinite(v).all() for v in losses.values())
 
 
+def test_teacher_sampling_statistics_stay_out_of_the_students_metrics(tmp_path, tiny_shapes,
+                                                                      rcnn_teacher):
+    model = _student(tmp_path, rcnn_teacher, PROPOSALS="teacher")
+    with EventStorage(0) as storage:
+        model(fake_batch())
+    # one value: the student's own sampling (the teacher's went to a storage of its own)
+    assert len(storage.history("roi_head/num_fg_samples").values()) == 1
+
+
 def test_gradients_reach_the_student_heads_never_the_teacher(tmp_path, tiny_shapes,
                                                              rcnn_teacher):
     model = _student(tmp_path, rcnn_teacher, FEAT_WEIGHT=0.0)  # the head terms only
@@ -433,3 +442,42 @@ def test_demo_rcnn_base_keeps_the_rcnn_distill_settings():
     assert demo.TAR == paper.TAR
     assert (demo.TAR.CLS_WEIGHT, demo.TAR.REG_WEIGHT) == (defaults.TAR.CLS_WEIGHT,
                                                           defaults.TAR.REG_WEIGHT)
+
+
+def test_pick_rois_takes_selected_rejected_and_negative_rois_of_one_image():
+    from csgr_distill.vis import pick_rois
+    t_prob = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.7, 0.3], [0.2, 0.8], [0.6, 0.4],
+                           [0.99, 0.01]])
+    details = {"image": torch.tensor([0, 0, 0, 0, 0, 1]), "t_prob": t_prob,
+               "positive": torch.tensor([True, True, True, False, False, True]),
+               "selected": torch.tensor([True, True, False, False, False, True])}
+    # selected by teacher foreground prob (0, then 1), the rejected positive 2, the most
+    # object-like negative 4; image 1's RoI never
+    assert pick_rois(details, image=0) == [0, 1, 2, 4]
+    assert pick_rois(details, image=0, selected=1, rejected=0, negatives=2) == [0, 4, 3]
+
+
+def test_visualize_draws_tar_masks_and_shared_rois(tmp_path, tiny_shapes, rcnn_teacher):
+    import sys
+    import cv2
+    from detectron2.data import DatasetCatalog
+    from tiny import TINY_VAL
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import visualize
+
+    cfg = rcnn_base_cfg(tmp_path / "student")
+    cfg.MODEL.META_ARCHITECTURE = "DistillGeneralizedRCNN"
+    cfg.MODEL.DISTILL.ENABLED = True
+    cfg.MODEL.DISTILL.METHODS = ["TAR"]
+    cfg.MODEL.DISTILL.TEACHER.CONFIG, cfg.MODEL.DISTILL.TEACHER.WEIGHTS = rcnn_teacher
+    cfg.MODEL.DISTILL.TAR.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    yaml_path, weights, _ = write_model(tmp_path, cfg, "tar")
+    written = visualize.main(["--config-file", yaml_path, "--weights", weights, "--output",
+                              str(tmp_path / "vis"), "--num-images", "1", "--dataset", TINY_VAL,
+                              "--level", "p3"])
+    stem = os.path.splitext(os.path.basename(DatasetCatalog.get(TINY_VAL)[0]["file_name"]))[0]
+    assert sorted(os.path.basename(p) for p in written) == [
+        f"{stem}_{name}.png" for name in ("detections", "tar_gaussian_masks", "tar_shared_rois")]
+    for p in written:
+        picture = cv2.imread(p)
+        assert picture is not None and picture.std() > 0

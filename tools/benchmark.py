@@ -53,6 +53,9 @@ def parse_args(argv=None):
                         "class count follows its classes")
     g.add_argument("--test", default=None, metavar="NAME",
                    help="evaluate on this dataset (default shapes_val)")
+    g.add_argument("--detector", default="retinanet", choices=list(gain.DETECTORS),
+                   help="the demo detector pair: RetinaNet (default) or Faster R-CNN (rcnn: adds "
+                        "TAR's ablation and CSGR+TAR heads)")
     g.add_argument("--no-teacher-check", action="store_true",
                    help="skip the teacher check (after the first baseline run: a loud warning "
                         "when the teacher does not beat the baseline student)")
@@ -105,7 +108,7 @@ def main(argv=None):
                      command=command, progress=log,
                      data_opts=pipeline_overrides(args.register_dataset, args.train, args.test)
                      + list(args.opts),
-                     check_teacher=not args.no_teacher_check)
+                     check_teacher=not args.no_teacher_check, detector=args.detector)
         log(f"{part} done -> {os.path.join(args.results, part)}.md")
         print(open(os.path.join(args.results, f"{part}.md")).read())
 

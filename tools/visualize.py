@@ -11,7 +11,11 @@ each image ``<stem>`` (its file name without extension), writes PNGs:
   criss-cross attention of one grid cell, teacher and student);
 * distillation configs with FGD: ``<stem>_fgd_masks_attention.png`` (on one FPN level: FGD's
   foreground mask with the ground-truth boxes, its background mask, and the spatial attention
-  of teacher and student).
+  of teacher and student);
+* distillation configs with TAR: ``<stem>_tar_gaussian_masks.png`` (its Gaussian mask on one
+  level and the masked feature difference) and, on Faster R-CNN, ``<stem>_tar_shared_rois.png``
+  (a few shared RoIs with the teacher's and the student's boxes and class distributions, and
+  which ones the adaptive regression rule gives the teacher's box as a target).
 
     tools/visualize.py --config-file configs/demo/CSGR-RetinaNet-R18.yaml \\
         --weights output/demo/student_csgr/model_final.pth --dataset shapes_val --output vis/
@@ -51,11 +55,12 @@ from csgr_distill.cli import CliError, add_debug_argument, run_cli
 from csgr_distill.config import load_config
 from csgr_distill.data import add_dataset_arguments
 from csgr_distill.data.errors import check_datasets
+from csgr_distill.distillers.tar import gaussian_masks
 from csgr_distill.export import StudentCheckpointer
 from csgr_distill.teacher import FrozenTeacher, build_teacher_cfg
-from csgr_distill.vis import (captioned, draw_detections, grid, heatmap_on_image, labelled,
-                              level_map_to_image, lower_score_threshold, mark_pixel, rule_text,
-                              top_detections)
+from csgr_distill.vis import (captioned, draw_detections, draw_shared_rois, grid,
+                              heatmap_on_image, labelled, level_map_to_image,
+                              lower_score_threshold, mark_pixel, rule_text, top_detections)
 
 
 def parse_args(argv=None):
@@ -314,14 +319,18 @@ def method_pictures(args, student, distillers, d, inputs, rgb, scale, metadata, 
     """The pictures of every method of ``distillers`` (:data:`PICTURES`), from the records a
     training step gives the distillers."""
     stride = student.backbone.output_shape()[level].stride
-    with torch.no_grad():
-        s_images = student.preprocess_image(inputs)
-        s_rec = student.recorder.record(student, s_images, inputs, ("features",))
-        t_rec = student.run_teacher(inputs, s_rec)
-    image_size = tuple(s_images.image_sizes[0])
     orig_hw = rgb.shape[:2]
+    image_size = tuple(inputs[0]["image"].shape[-2:])
     gt = Instances(image_size)
     gt.gt_boxes = Boxes(gt_boxes_in_input(d, image_size, orig_hw))
+    gt.gt_classes = torch.tensor([a["category_id"] for a in d.get("annotations", [])],
+                                 dtype=torch.long)
+    inputs = [dict(inputs[0], instances=gt)]  # what the R-CNN's RoI sampling matches against
+    with torch.no_grad():
+        s_images = student.preprocess_image(inputs)
+        s_rec = student.recorder.record(student, s_images, inputs,
+                                        student.distill_fields["student"])
+        t_rec = student.run_teacher(inputs, s_rec)
     pic = PictureInputs(args=args, d=d, student=s_rec, teacher=t_rec, gt_instances=[gt],
                         level=level, stride=stride, image_size=image_size, orig_hw=orig_hw,
                         rgb=cv2.resize(rgb, None, fx=scale, fy=scale,
@@ -388,8 +397,35 @@ def fgd_pictures(pic: PictureInputs, fgd) -> List[str]:
     return [_save(pic.stem_path + "_fgd_masks_attention.png", grid(tiles, cols=4))]
 
 
+def tar_pictures(pic: PictureInputs, tar) -> List[str]:
+    """TAR's feature weights on one level (``<stem>_tar_gaussian_masks.png``: the Gaussian mask
+    with the ground-truth boxes, and the masked squared difference ``M * sum_c (r(S) - T)^2``
+    it penalises) and, when its head terms are on, the shared RoIs
+    (``<stem>_tar_shared_rois.png``, :func:`csgr_distill.vis.draw_shared_rois`)."""
+    level = pic.level
+    s_feat, t_feat = pic.student.features[level], pic.teacher.features[level]
+    with torch.no_grad():
+        mask = gaussian_masks([pic.gt_instances[0].gt_boxes.tensor], s_feat.shape[-2:],
+                              pic.student.padded_size, tar.sigma_scale)[0]
+        diff = ((tar.adapters[level](s_feat) - t_feat) ** 2).sum(1)[0]
+    out_hw = pic.rgb.shape[:2]
+    sy, sx = out_hw[0] / pic.image_size[0], out_hw[1] / pic.image_size[1]
+    v = Visualizer(pic.heat(mask, smooth=False))
+    for box in pic.gt_instances[0].gt_boxes.tensor.tolist():
+        v.draw_box([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy], edge_color="w")
+    tiles = [labelled(v.output.get_image(), f"Gaussian mask {level}"),
+             labelled(pic.heat(mask * diff, smooth=False), f"mask x diff^2 {level}")]
+    written = [_save(pic.stem_path + "_tar_gaussian_masks.png", grid(tiles, cols=2))]
+    if tar.uses_rois:
+        details = {k: v.cpu() for k, v in tar.roi_details(pic.student, pic.teacher).items()}
+        names = list(pic.metadata.thing_classes) + ["background"]
+        written.append(_save(pic.stem_path + "_tar_shared_rois.png", draw_shared_rois(
+            pic.rgb, details, names, scale=(sx, sy), proposals_from=tar.proposals)))
+    return written
+
+
 #: methods with pictures of their own: registered name -> fn(PictureInputs, distiller) -> paths
-PICTURES = {"CSGR": csgr_pictures, "FGD": fgd_pictures}
+PICTURES = {"CSGR": csgr_pictures, "FGD": fgd_pictures, "TAR": tar_pictures}
 
 
 def default_pixel(d, stride, image_size, orig_hw):

@@ -38,6 +38,32 @@ from .common import (NO_VALUE, header_lines, machine_info, markdown_table, metho
 
 TEACHER_CFG = "configs/demo/teacher-RetinaNet-R18-wide.yaml"
 STUDENT_CFG = "configs/demo/CSGR-RetinaNet-R18.yaml"
+#: ``--detector`` -> (teacher config, student config, description); every method run overrides
+#: the student config's MODEL.DISTILL.METHODS
+DETECTORS = {
+    "retinanet": (TEACHER_CFG, STUDENT_CFG, "teacher RetinaNet R18-FPN wide, students RetinaNet "
+                                            "R18-FPN"),
+    "rcnn": ("configs/demo/teacher-FasterRCNN-R18-wide.yaml",
+             "configs/demo/TAR-FasterRCNN-R18.yaml",
+             "teacher Faster R-CNN R18-FPN wide, students Faster R-CNN R18-FPN"),
+}
+#: runs only a detector's students have: TAR's ablation (as the paper's: features, + class
+#: head, + regression head, each without decay; "TAR" itself adds the decay) and CSGR with TAR's
+#: head terms
+DETECTOR_RUNS: Dict[str, Dict[str, List]] = {
+    "rcnn": {
+        "TAR features, no decay": ["MODEL.DISTILL.METHODS", ["TAR"], "MODEL.DISTILL.TAR.CLS_WEIGHT",
+                                   0.0, "MODEL.DISTILL.TAR.REG_WEIGHT", 0.0,
+                                   "MODEL.DISTILL.TAR.DECAY.TYPE", "none"],
+        "TAR features + cls, no decay": ["MODEL.DISTILL.METHODS", ["TAR"],
+                                         "MODEL.DISTILL.TAR.REG_WEIGHT", 0.0,
+                                         "MODEL.DISTILL.TAR.DECAY.TYPE", "none"],
+        "TAR features + cls + reg, no decay": ["MODEL.DISTILL.METHODS", ["TAR"],
+                                               "MODEL.DISTILL.TAR.DECAY.TYPE", "none"],
+        "CSGR+TAR heads": ["MODEL.DISTILL.METHODS", ["CSGR", "TAR"],
+                           "MODEL.DISTILL.TAR.FEAT_WEIGHT", 0.0],
+    },
+}
 BASELINE = "baseline (no distillation)"
 METRICS = ("AP", "AP50", "AP75")
 #: combinations worth running once all their members are registered
@@ -45,16 +71,21 @@ COMBINATIONS: List[Tuple[str, ...]] = [("CSGR", "FGD"), ("CSGR", "LD"), ("FGD", 
 
 
 def method_runs(selected: Optional[List[str]] = None,
-                extra: Optional[Dict[str, List]] = None) -> Dict[str, List]:
-    """label -> cfg overrides, for the baseline, every registered distiller, CSGR's options and
-    the combinations whose members are all registered. ``selected`` filters by label; ``extra``
-    (label -> overrides, e.g. a loss-weight sweep) is run besides whatever is selected."""
+                extra: Optional[Dict[str, List]] = None,
+                detector: str = "retinanet") -> Dict[str, List]:
+    """label -> cfg overrides, for the baseline, every registered distiller, CSGR's options,
+    the combinations whose members are all registered and the ``detector``'s own runs
+    (:data:`DETECTOR_RUNS`). ``selected`` filters by label; ``extra`` (label -> overrides, e.g. a
+    loss-weight sweep) is run besides whatever is selected."""
     names = registered_distillers()
     runs = {BASELINE: ["MODEL.DISTILL.ENABLED", False]}
     runs.update(method_variants())
     for combo in COMBINATIONS:
         if all(c in names for c in combo):
             runs["+".join(combo)] = ["MODEL.DISTILL.METHODS", list(combo)]
+    for label, opts in DETECTOR_RUNS.get(detector, {}).items():
+        if all(m in names for m in opts[1]):
+            runs[label] = list(opts)
     if selected is not None:
         unknown = [s for s in selected if s not in runs]
         if unknown:
@@ -79,12 +110,13 @@ def parse_variant(text: str) -> Tuple[str, List[str]]:
     return label.strip(), opts
 
 
-def student_cfg(data_opts: Sequence[str] = ()):
-    """The students' config as ``train_net.py`` reads it (before per-run overrides), with the
-    ``data_opts`` of :func:`csgr_distill.data.pipeline_overrides`."""
+def student_cfg(data_opts: Sequence[str] = (), config: Optional[str] = None):
+    """The students' config (``config``, default :data:`STUDENT_CFG`) as ``train_net.py`` reads
+    it (before per-run overrides), with the ``data_opts`` of
+    :func:`csgr_distill.data.pipeline_overrides`."""
     from ..config import load_config
 
-    return load_config(os.path.join(REPO_ROOT, STUDENT_CFG), _opts_str(data_opts),
+    return load_config(os.path.join(REPO_ROOT, config or STUDENT_CFG), _opts_str(data_opts),
                        check_steps=False)
 
 
@@ -234,15 +266,17 @@ def _store(rdir: str, material: dict, result: dict) -> None:
 # runs
 
 
-def teacher_cfg(opts: List):
-    """The teacher's config as ``train_net.py`` reads it with ``opts``."""
+def teacher_cfg(opts: List, config: Optional[str] = None):
+    """The teacher's config (``config``, default :data:`TEACHER_CFG`) as ``train_net.py`` reads
+    it with ``opts``."""
     from ..config import load_config
 
-    return load_config(os.path.join(REPO_ROOT, TEACHER_CFG), _opts_str(opts), check_steps=False)
+    return load_config(os.path.join(REPO_ROOT, config or TEACHER_CFG), _opts_str(opts),
+                       check_steps=False)
 
 
 def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: str,
-                  data_opts: Sequence[str] = ()) -> dict:
+                  data_opts: Sequence[str] = (), config: Optional[str] = None) -> dict:
     """The teacher: trained here (``iters``, None: its config's) unless ``weights`` are given, and
     evaluated; both steps are cached under keys (module docstring). ``data_opts``: the data
     overrides of every run (:func:`csgr_distill.data.pipeline_overrides`).
@@ -254,7 +288,8 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: 
     info = {"given": bool(weights), "train_cached": None, "train_key": None, "iters": None}
     if not weights:
         opts = list(data_opts) + ["DATASETS.TEST", "()"] + _schedule(iters)
-        cfg = teacher_cfg(opts)
+        config = config or TEACHER_CFG
+        cfg = teacher_cfg(opts, config)
         material = {"run": "teacher", "iters": int(cfg.SOLVER.MAX_ITER),
                     "overrides": _opts_str(opts), "config": _config_text(cfg), "code": code,
                     "libraries": libraries()}
@@ -262,20 +297,21 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: 
         weights = os.path.join(tdir, "model_final.pth")
         done = _load_cached(tdir, material) is not None and os.path.isfile(weights)
         if not done:
-            _train_net(["--config-file", TEACHER_CFG] + opts + ["OUTPUT_DIR", tdir],
+            _train_net(["--config-file", config] + opts + ["OUTPUT_DIR", tdir],
                        os.path.join(tdir, "train.log"))
             _store(tdir, material, {"weights": "model_final.pth"})
         info.update(train_cached=done, train_key=cache_key(material), iters=material["iters"])
     sha1 = file_sha1(weights)
     opts = list(data_opts) + ["MODEL.WEIGHTS", weights]
     material = {"run": "teacher eval", "weights_sha1": sha1,
-                "config": _config_text(teacher_cfg(list(data_opts))), "code": code,
+                "config": _config_text(teacher_cfg(list(data_opts), config)), "code": code,
                 "libraries": libraries()}
     eval_dir = os.path.join(out, f"teacher_eval-{cache_key(material)}")
     metrics = _load_cached(eval_dir, material)
     info["eval_cached"] = metrics is not None
     if metrics is None:
-        _train_net(["--config-file", TEACHER_CFG, "--eval-only"] + opts + ["OUTPUT_DIR", eval_dir],
+        _train_net(["--config-file", config or TEACHER_CFG, "--eval-only"] + opts
+                   + ["OUTPUT_DIR", eval_dir],
                    os.path.join(eval_dir, "eval.log"))
         with open(os.path.join(eval_dir, "eval_results.json")) as f:
             bbox = json.load(f)["bbox"]
@@ -318,7 +354,8 @@ def _folder(label: str) -> str:
 
 
 def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iters: int,
-                eval_points: int, code: str, base_cfg=None, data_opts: Sequence[str] = ()) -> dict:
+                eval_points: int, code: str, base_cfg=None, data_opts: Sequence[str] = (),
+                config: Optional[str] = None) -> dict:
     """One student run of ``iters`` iterations under the ``teacher`` of :func:`train_teacher`,
     from the cache (``<out>/runs/<label>/seed<seed>-<key>/final.json``) when its key material
     matches, else trained now.
@@ -326,7 +363,8 @@ def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iter
     Returns {"final": {AP, AP50, AP75}, "curve": [(iteration, {AP, AP50, AP75}), ...], "seed",
     "label", "iters", "key": str, "cached": bool}.
     """
-    base_cfg = base_cfg if base_cfg is not None else student_cfg(data_opts)
+    config = config or STUDENT_CFG
+    base_cfg = base_cfg if base_cfg is not None else student_cfg(data_opts, config)
     run_opts = (_opts_str(data_opts) + ["SEED", seed, "TEST.EVAL_PERIOD", max(1, iters // eval_points),
                  "MODEL.DISTILL.TEACHER.WEIGHTS", teacher["weights"]] + _schedule(iters)
                 + _opts_str(opts))
@@ -340,7 +378,7 @@ def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iter
     stale = os.path.join(rdir, "metrics.json")
     if os.path.exists(stale):
         os.remove(stale)
-    _train_net(["--config-file", STUDENT_CFG] + _opts_str(run_opts) + ["OUTPUT_DIR", rdir],
+    _train_net(["--config-file", config] + _opts_str(run_opts) + ["OUTPUT_DIR", rdir],
                os.path.join(rdir, "train.log"))
     curve = _read_curve(os.path.join(rdir, "metrics.json"))
     result = {"final": curve[-1][1], "curve": curve, "seed": seed, "label": label,
@@ -453,7 +491,8 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
         teacher_iters: Optional[int] = None, teacher_weights: Optional[str] = None,
         methods: Optional[List[str]] = None, variants: Optional[Dict[str, List]] = None,
         eval_points: int = 3, command: str = "", progress=print,
-        data_opts: Sequence[str] = (), check_teacher: bool = True) -> dict:
+        data_opts: Sequence[str] = (), check_teacher: bool = True,
+        detector: str = "retinanet") -> dict:
     """Train (or read from the cache) the teacher and every planned student run, write
     ``gain.json``/``gain.md`` and the plots to ``out_dir``; returns the payload {"machine",
     "setting", "teacher" (:func:`train_teacher`), "rows" (:func:`summarize`), "runs" (label ->
@@ -462,17 +501,23 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
     ``data_opts``: overrides that move every run onto other data
     (:func:`csgr_distill.data.pipeline_overrides`; the results section is then named after the
     training set). ``check_teacher``: after the first baseline run, warn loudly when the teacher
-    does not beat it (:func:`csgr_distill.teacher.teacher_check`)."""
+    does not beat it (:func:`csgr_distill.teacher.teacher_check`). ``detector``: a key of
+    :data:`DETECTORS` (the teacher and student configs)."""
     from ..teacher import teacher_check
 
-    plan = method_runs(methods, variants)
-    base = student_cfg(data_opts)
+    if detector not in DETECTORS:
+        raise SystemExit(f"--detector {detector!r}: use one of {list(DETECTORS)}")
+    t_config, s_config, description = DETECTORS[detector]
+    if detector == "retinanet":  # the module constants (tests point them elsewhere)
+        t_config, s_config = TEACHER_CFG, STUDENT_CFG
+    plan = method_runs(methods, variants, detector)
+    base = student_cfg(data_opts, s_config)
     check_overrides(plan, base)
     train_set, test_set = base.DATASETS.TRAIN[0], base.DATASETS.TEST[0]
     work_dir = os.path.abspath(work_dir)
     code = code_version()
-    progress(f"[gain] teacher ({TEACHER_CFG})")
-    teacher = train_teacher(work_dir, teacher_iters, teacher_weights, code, data_opts)
+    progress(f"[gain] teacher ({t_config})")
+    teacher = train_teacher(work_dir, teacher_iters, teacher_weights, code, data_opts, t_config)
     progress(f"[gain] teacher AP {teacher['AP']:.2f}" + (" (cached)" if teacher["cached"] else "")
              + f": {teacher_note(teacher)}")
     iters = iters or int(base.SOLVER.MAX_ITER)
@@ -480,7 +525,7 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
     for seed in range(seeds):
         for label, opts in plan.items():
             r = run_student(work_dir, label, opts, seed, teacher, iters, eval_points, code, base,
-                            data_opts)
+                            data_opts, s_config)
             runs[label].append(r)
             progress(f"[gain] seed {seed} {label}: AP {r['final']['AP']:.2f}"
                      + (" (cached)" if r["cached"] else ""))
@@ -493,8 +538,8 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
                                                        "THE TEACHER DOES NOT BEAT THE BASELINE"))
     rows = summarize(teacher, runs)
     info = machine_info(str(base.MODEL.DEVICE))  # where train_net.py ran (--opts MODEL.DEVICE)
-    setting = (f"{train_set} -> {test_set}; teacher RetinaNet R18-FPN wide ({TEACHER_CFG}), students "
-               f"RetinaNet R18-FPN ({STUDENT_CFG}) trained {iters} iterations each, "
+    setting = (f"{train_set} -> {test_set}; {description} ({t_config}, {s_config}), students "
+               f"trained {iters} iterations each, "
                f"seeds 0..{seeds - 1}; teacher AP {teacher['AP']:.2f} / AP50 "
                f"{teacher['AP50']:.2f} / AP75 {teacher['AP75']:.2f} "
                f"(teacher {teacher_note(teacher)})")

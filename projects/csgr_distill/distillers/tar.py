@@ -287,6 +287,36 @@ class TARDistiller(LevelPairDistiller):
             if self.reg_beta > 0 else F.l1_loss(pred, target[selected], reduction="sum")
         return loss / max(num_pos, 1)
 
+    def roi_details(self, student, teacher) -> Dict[str, Tensor]:
+        """What the head terms see, for pictures (no grad): over the shared RoIs of all images
+        (``R`` rows; ``image``: each row's image index), ``proposals``, ``gt_boxes``
+        ``[R, 4]``, ``gt_classes`` ``[R]``, the class probabilities at the KD temperature
+        ``s_prob``/``t_prob`` ``[R, K+1]``, the decoded boxes of each RoI's class
+        ``s_box``/``t_box`` ``[R, 4]``, and the adaptive rule's ``positive``/``selected``
+        ``[R]``."""
+        with torch.no_grad():
+            rois, (s_cls, s_deltas), (t_cls, t_deltas) = self.shared_predictions(student, teacher)
+            s_head, t_head = student.roi_head, teacher.roi_head
+            proposals = cat([r.proposal_boxes.tensor for r in rois])
+            gt_classes = cat([r.gt_classes for r in rois])
+            positive, selected, _ = adaptive_regression_targets(
+                proposals, cat([_gt_boxes(r) for r in rois]), gt_classes, s_head.num_classes,
+                s_deltas, t_deltas, s_head.box_transform, t_head.box_transform, self.reg_compare)
+            classes = gt_classes.clamp(0, s_head.num_classes - 1)
+            return {
+                "image": cat([torch.full((len(r),), i, dtype=torch.long, device=proposals.device)
+                              for i, r in enumerate(rois)]),
+                "proposals": proposals, "gt_boxes": cat([_gt_boxes(r) for r in rois]),
+                "gt_classes": gt_classes,
+                "s_prob": F.softmax(s_cls / self.temperature, dim=1),
+                "t_prob": F.softmax(t_cls / self.temperature, dim=1),
+                "s_box": s_head.box_transform.apply_deltas(_class_deltas(s_deltas, classes),
+                                                           proposals),
+                "t_box": t_head.box_transform.apply_deltas(_class_deltas(t_deltas, classes),
+                                                           proposals),
+                "positive": positive, "selected": selected,
+            }
+
     def forward(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
         """``(DetectorOutputs, DetectorOutputs, list[Instances]) -> {loss name: weighted
         loss}``: the feature term per level, ``loss_tar_cls`` and ``loss_tar_reg``, for the terms

@@ -4,6 +4,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from detectron2.modeling import GeneralizedRCNN
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 from torch import Tensor, nn
 
 from ..outputs import DetectorOutputs
@@ -134,7 +135,10 @@ def own_sampled_rois(model, images, features: Dict[str, Tensor],
     device = images.tensor.device
     targets = [x["instances"].to(device) for x in batched_inputs]
     proposals, _ = _rpn(model)(images, features, None)
-    return _box_heads(model).label_and_sample_proposals(proposals, targets)
+    # the sampler logs its fg/bg counts to the current event storage: a storage of its own, so
+    # a teacher's counts never enter the student's metrics (and pictures need none)
+    with EventStorage(0):
+        return _box_heads(model).label_and_sample_proposals(proposals, targets)
 
 
 def _rpn(model) -> nn.Module:
