@@ -27,6 +27,7 @@ def add_distill_config(cfg):
     Safe to call twice. The teacher's config gets the same function applied.
     """
     add_data_config(cfg)
+    add_architecture_config(cfg)
     if "DISTILL" in cfg.MODEL:
         return cfg
     _C = cfg
@@ -178,6 +179,18 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.TAR.PROPOSALS = "student"
     # TAR's distillation decay (spec): linear from 1 at iteration 0 to 0 at SOLVER.MAX_ITER.
     _C.MODEL.DISTILL.TAR.DECAY = decay_node("linear")
+    return cfg
+
+
+def add_architecture_config(cfg):
+    """The keys of this project's own meta-architectures (``DistributionRetinaNet``'s box
+    branch), without the distillation keys: what an exported student's config needs (in place;
+    safe to call twice)."""
+    if "REG_MAX" not in cfg.MODEL.RETINANET:
+        # n: each side's distance is predicted over the bins 0..n, in strides (GFL and LD: 16).
+        cfg.MODEL.RETINANET.REG_MAX = 16
+        # Distribution Focal Loss weight (GFL: 0.25; 0 turns it off).
+        cfg.MODEL.RETINANET.DFL_WEIGHT = 0.25
     return cfg
 
 

@@ -25,6 +25,8 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.file_io import PathManager
 
+from .config import add_architecture_config
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -72,6 +74,11 @@ def plain_meta_architecture(name: str) -> str:
                      "cannot name it")
 
 
+def _is_project_architecture(name: str) -> bool:
+    """Whether a registered meta-architecture is defined by this project (not detectron2)."""
+    return META_ARCH_REGISTRY.get(name).__module__.startswith(__package__ + ".")
+
+
 def _prune(cfg: CfgNode, reference: CfgNode, prefix: str, removed: List[str]) -> None:
     """Delete (in place) every key of ``cfg`` that ``reference`` lacks; record their full names."""
     for key in list(cfg.keys()):
@@ -89,10 +96,16 @@ def plain_student_cfg(cfg: CfgNode, weights: str) -> CfgNode:
     student = cfg.clone()
     student.defrost()
     removed: List[str] = []
-    _prune(student, get_cfg(), "", removed)
-    student.MODEL.META_ARCHITECTURE = plain_meta_architecture(cfg.MODEL.META_ARCHITECTURE)
-    student.MODEL.WEIGHTS = weights
+    arch = plain_meta_architecture(cfg.MODEL.META_ARCHITECTURE)
     plain = get_cfg()
+    if _is_project_architecture(arch):
+        # e.g. DistributionRetinaNet: its own keys stay; loading it needs `import csgr_distill`
+        add_architecture_config(plain)
+        logger.info("The plain student is a %s, a meta-architecture of csgr_distill: load it "
+                    "where csgr_distill is imported (tools/train_net.py does)", arch)
+    _prune(student, plain, "", removed)
+    student.MODEL.META_ARCHITECTURE = arch
+    student.MODEL.WEIGHTS = weights
     plain.merge_from_other_cfg(student)
     if removed:
         logger.info("Plain student config: left out %d key(s) detectron2 does not have: %s",

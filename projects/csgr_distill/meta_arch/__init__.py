@@ -1,6 +1,8 @@
 """Distill* meta-architectures, registered in detectron2's META_ARCH_REGISTRY on import."""
 from .base import DistillMixin
+from .distribution_retinanet import DistillDistributionRetinaNet, DistributionRetinaNet
 from .rcnn import DistillGeneralizedRCNN
 from .retinanet import DistillRetinaNet
 
-__all__ = ["DistillMixin", "DistillGeneralizedRCNN", "DistillRetinaNet"]
+__all__ = ["DistillMixin", "DistillDistributionRetinaNet", "DistillGeneralizedRCNN",
+           "DistillRetinaNet", "DistributionRetinaNet"]
