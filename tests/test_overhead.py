@@ -23,7 +23,9 @@ def retinanet_rows(tmp_path_factory):
 
 def test_every_variant_trains_with_finite_losses(retinanet_rows):
     assert list(retinanet_rows)[:2] == [overhead.STUDENT, overhead.FLOOR]
-    assert set(registered_distillers()) <= set(retinanet_rows)
+    # LD needs the distribution box branch: timed on its own detector (test below)
+    assert set(registered_distillers()) - {"LD"} <= set(retinanet_rows)
+    assert "LD" not in retinanet_rows
     for label, row in retinanet_rows.items():
         assert row["losses_finite"], (label, row["losses"])
         assert {"loss_cls", "loss_box_reg"} <= set(row["losses"])
@@ -65,3 +67,14 @@ def test_floor_and_method_bookkeeping(retinanet_rows):
         assert row["matmul_flop_over_floor_percent"] >= 0, label
         if set(_methods(label)) & {"CSGR", "FGD"}:
             assert row["matmul_flop_over_floor_percent"] > 0, label
+
+
+def test_ld_is_timed_on_the_distribution_head_detector(tmp_path):
+    detector = "RetinaNet, distribution head"
+    overhead.run(str(tmp_path), height=128, width=128, batch=2, repeats=1, warmup=0,
+                 detectors=(detector,), command="test", measure_memory=False)
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "overhead.json").read_text())
+            [f"cpu {detector}"]["rows"]}
+    assert list(rows) == [overhead.STUDENT, overhead.FLOOR, "LD"]
+    assert all(r["losses_finite"] for r in rows.values())
+    assert {"loss_ld", "loss_ld_vlr", "loss_ld_kd", "loss_dfl"} <= set(rows["LD"]["losses"])

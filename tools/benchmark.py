@@ -54,8 +54,9 @@ def parse_args(argv=None):
     g.add_argument("--test", default=None, metavar="NAME",
                    help="evaluate on this dataset (default shapes_val)")
     g.add_argument("--detector", default="retinanet", choices=list(gain.DETECTORS),
-                   help="the demo detector pair: RetinaNet (default) or Faster R-CNN (rcnn: adds "
-                        "TAR's ablation and CSGR+TAR heads)")
+                   help="the demo detector pair: RetinaNet (default), Faster R-CNN (rcnn: adds "
+                        "TAR's ablation and CSGR+TAR heads) or RetinaNet with the distribution "
+                        "box branch (retinanet-dist: the pair LD needs, with CSGR+LD, FGD+LD)")
     g.add_argument("--no-teacher-check", action="store_true",
                    help="skip the teacher check (after the first baseline run: a loud warning "
                         "when the teacher does not beat the baseline student)")

@@ -179,6 +179,29 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.TAR.PROPOSALS = "student"
     # TAR's distillation decay (spec): linear from 1 at iteration 0 to 0 at SOLVER.MAX_ITER.
     _C.MODEL.DISTILL.TAR.DECAY = decay_node("linear")
+
+    # LD: localization distillation (Zheng et al., CVPR 2022; shared/methods/LD.md;
+    # csgr_distill/distillers/ld.py) between DistributionRetinaNet teacher and student. Defaults:
+    # the GFL recipe; configs/LD-RetinaNet-R50.yaml sets the RetinaNet recipe (VLR 0.03 without
+    # the positives, KD temperature 8).
+    _C.MODEL.DISTILL.LD = CN()
+    # Main-region LD on the student's positives (published: weight 0.25, temperature 10).
+    _C.MODEL.DISTILL.LD.LD_WEIGHT = 0.25
+    _C.MODEL.DISTILL.LD.LD_TEMPERATURE = 10.0
+    # Valuable-localization-region LD, same temperature (GFL recipe 0.25 with the positives;
+    # RetinaNet recipe 0.03 without them). The spec does not give its normaliser: divided by 4,
+    # as the main region.
+    _C.MODEL.DISTILL.LD.VLR_WEIGHT = 0.25
+    _C.MODEL.DISTILL.LD.VLR_EXCLUDE_POSITIVES = False
+    # ATSS candidates per level and GT (9), and the DIoU band's lower factor [0.25 t_g, t_g).
+    _C.MODEL.DISTILL.LD.VLR_TOPK = 9
+    _C.MODEL.DISTILL.LD.VLR_LOW = 0.25
+    # Main KD on the positives' class logits (published: weight 10, temperature 2; RetinaNet
+    # recipe: 8).
+    _C.MODEL.DISTILL.LD.KD_WEIGHT = 10.0
+    _C.MODEL.DISTILL.LD.KD_TEMPERATURE = 2.0
+    # LD's own schedule; "default" follows MODEL.DISTILL.DECAY (the paper does not decay).
+    _C.MODEL.DISTILL.LD.DECAY = decay_node("default")
     return cfg
 
 

@@ -46,7 +46,13 @@ DETECTORS = {
     "rcnn": ("configs/demo/teacher-FasterRCNN-R18-wide.yaml",
              "configs/demo/TAR-FasterRCNN-R18.yaml",
              "teacher Faster R-CNN R18-FPN wide, students Faster R-CNN R18-FPN"),
+    "retinanet-dist": ("configs/demo/teacher-RetinaNet-Dist-R18-wide.yaml",
+                       "configs/demo/LD-RetinaNet-Dist-R18.yaml",
+                       "teacher RetinaNet R18-FPN wide, students RetinaNet R18-FPN, both with "
+                       "the distribution box branch (DistributionRetinaNet)"),
 }
+#: methods a detector's students cannot run (LD needs the distribution box branch)
+DETECTOR_EXCLUDES: Dict[str, Tuple[str, ...]] = {"retinanet": ("LD",), "rcnn": ("LD",)}
 #: runs only a detector's students have: TAR's ablation (as the paper's: features, + class
 #: head, + regression head, each without decay; "TAR" itself adds the decay) and CSGR with TAR's
 #: head terms
@@ -86,6 +92,10 @@ def method_runs(selected: Optional[List[str]] = None,
     for label, opts in DETECTOR_RUNS.get(detector, {}).items():
         if all(m in names for m in opts[1]):
             runs[label] = list(opts)
+    excluded = set(DETECTOR_EXCLUDES.get(detector, ()))
+    runs = {label: opts for label, opts in runs.items()
+            if not (len(opts) > 1 and opts[0] == "MODEL.DISTILL.METHODS"
+                    and excluded & set(opts[1]))}
     if selected is not None:
         unknown = [s for s in selected if s not in runs]
         if unknown:

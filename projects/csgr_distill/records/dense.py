@@ -37,9 +37,19 @@ class DenseRecorder(Recorder):
     fields: Dict[str, str] = dict(
         COMMON_FIELDS,
         cls_logits="list over head levels of [N, A*K, H_l, W_l] class logits (A anchors/cell)",
-        box_deltas="list over head levels of [N, A*4, H_l, W_l] box regression",
+        box_deltas="list over head levels of [N, A*4, H_l, W_l] box regression (a "
+                   "DistributionRetinaNet: [N, A*4*(REG_MAX+1), H_l, W_l] side logits)",
         anchors="list over head levels of Boxes with H_l*W_l*A anchors",
+        anchor_labels="list over images of [R] the detector's own anchor assignment "
+                      "(label_anchors: class, K = background, -1 = ignored; R = all anchors of "
+                      "all levels in head order)",
+        anchor_gt_boxes="list over images of [R, 4] each anchor's matched ground-truth box",
     )
+
+    def capture_methods(self, model, fields):
+        if "anchor_labels" in fields or "anchor_gt_boxes" in fields:
+            return {"label_anchors": (model, "label_anchors")}
+        return {}
 
     def hook_modules(self, model, fields) -> Dict[str, nn.Module]:
         modules = {"backbone": model.backbone}
@@ -50,18 +60,27 @@ class DenseRecorder(Recorder):
     def from_hooks(self, model, record, batched_inputs, fields) -> DetectorOutputs:
         image_sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
         predictions = record.get("head")
-        return self._record(model, image_sizes, record["backbone_input"].shape[-2:],
-                            record["backbone"], fields,
-                            predictions[0] if predictions else None,
-                            predictions[1] if predictions else None)
+        out = self._record(model, image_sizes, record["backbone_input"].shape[-2:],
+                           record["backbone"], fields,
+                           predictions[0] if predictions else None,
+                           predictions[1] if predictions else None)
+        if "label_anchors" in record:
+            out["anchor_labels"], out["anchor_gt_boxes"] = record["label_anchors"]
+        return out
 
     def record(self, model, images, batched_inputs, fields, student=None) -> DetectorOutputs:
         features = model.backbone(images.tensor)
         names = list(model.head_in_features)
         logits, deltas = dense_head_branches(model.head, [features[f] for f in names],
                                              "cls_logits" in fields, "box_deltas" in fields)
-        return self._record(model, images.image_sizes, images.tensor.shape[-2:], features,
-                            fields, logits, deltas)
+        out = self._record(model, images.image_sizes, images.tensor.shape[-2:], features,
+                           fields, logits, deltas)
+        if "anchor_labels" in fields or "anchor_gt_boxes" in fields:
+            anchors = out.get("anchors") or model.anchor_generator([features[f] for f in names])
+            device = images.tensor.device
+            out["anchor_labels"], out["anchor_gt_boxes"] = model.label_anchors(
+                anchors, [x["instances"].to(device) for x in batched_inputs])
+        return out
 
     @staticmethod
     def _record(model, image_sizes, padded_size, features, fields, logits, deltas):
