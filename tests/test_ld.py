@@ -237,3 +237,29 @@ def test_paper_configs_build_with_the_published_recipes(path):
     else:
         assert (ld.vlr_weight, ld.vlr_exclude_positives, ld.kd_temperature) == (0.03, True, 8.0)
     assert cfg.DATASETS.TRAIN == ("soda10m_train",)
+
+
+def test_visualize_draws_ld_regions_and_distributions(tmp_path, tiny_shapes, dist_teacher):
+    import cv2
+    from detectron2.data import DatasetCatalog
+    from tiny import TINY_VAL
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import visualize
+
+    yaml_path, weights, _ = write_model(tmp_path, _student(tmp_path, dist_teacher), "ld")
+    written = visualize.main(["--config-file", yaml_path, "--weights", weights, "--output",
+                              str(tmp_path / "vis"), "--num-images", "1", "--dataset", TINY_VAL])
+    stem = os.path.splitext(os.path.basename(DatasetCatalog.get(TINY_VAL)[0]["file_name"]))[0]
+    assert sorted(os.path.basename(p) for p in written) == [f"{stem}_detections.png",
+                                                            f"{stem}_ld_regions.png"]
+    picture = cv2.imread(written[-1])
+    assert picture is not None and picture.shape[1] > 2 * picture.shape[0]
+
+
+def test_chosen_anchor_is_the_best_scored_positive():
+    from csgr_distill.vis import chosen_anchor
+    d = {"positive": torch.tensor([False, True, True, False]),
+         "weight": torch.tensor([0.9, 0.2, 0.5, 0.8])}
+    assert chosen_anchor(d) == 2
+    assert chosen_anchor({"positive": torch.zeros(3, dtype=torch.bool),
+                          "weight": torch.ones(3)}) == -1

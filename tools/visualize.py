@@ -15,7 +15,10 @@ each image ``<stem>`` (its file name without extension), writes PNGs:
 * distillation configs with TAR: ``<stem>_tar_gaussian_masks.png`` (its Gaussian mask on one
   level and the masked feature difference) and, on Faster R-CNN, ``<stem>_tar_shared_rois.png``
   (a few shared RoIs with the teacher's and the student's boxes and class distributions, and
-  which ones the adaptive regression rule gives the teacher's box as a target).
+  which ones the adaptive regression rule gives the teacher's box as a target);
+* distillation configs with LD: ``<stem>_ld_regions.png`` (the anchors of its main region and
+  of its valuable localization region with their weights, and the teacher's and the student's
+  distributions over the four sides of the student's best-scored positive anchor).
 
     tools/visualize.py --config-file configs/demo/CSGR-RetinaNet-R18.yaml \\
         --weights output/demo/student_csgr/model_final.pth --dataset shapes_val --output vis/
@@ -58,8 +61,8 @@ from csgr_distill.data.errors import check_datasets
 from csgr_distill.distillers.tar import gaussian_masks
 from csgr_distill.export import StudentCheckpointer
 from csgr_distill.teacher import FrozenTeacher, build_teacher_cfg
-from csgr_distill.vis import (captioned, draw_detections, draw_shared_rois, grid,
-                              heatmap_on_image, labelled, level_map_to_image,
+from csgr_distill.vis import (captioned, draw_detections, draw_ld_regions, draw_shared_rois,
+                              grid, heatmap_on_image, labelled, level_map_to_image,
                               lower_score_threshold, mark_pixel, rule_text, top_detections)
 
 
@@ -307,6 +310,7 @@ class PictureInputs:
     rgb: np.ndarray  # the image, enlarged for display
     metadata: object
     stem_path: str
+    model: object = None  # the student model (e.g. its box transform)
 
     def heat(self, level_map, smooth=True) -> np.ndarray:
         """A level map ``[h, w]`` over the display image."""
@@ -335,7 +339,7 @@ def method_pictures(args, student, distillers, d, inputs, rgb, scale, metadata, 
                         level=level, stride=stride, image_size=image_size, orig_hw=orig_hw,
                         rgb=cv2.resize(rgb, None, fx=scale, fy=scale,
                                        interpolation=cv2.INTER_LINEAR),
-                        metadata=metadata, stem_path=stem_path)
+                        metadata=metadata, stem_path=stem_path, model=student)
     written = []
     for name, distiller in distillers.items():
         written += PICTURES[name](pic, distiller)
@@ -424,8 +428,21 @@ def tar_pictures(pic: PictureInputs, tar) -> List[str]:
     return written
 
 
+def ld_pictures(pic: PictureInputs, ld) -> List[str]:
+    """LD's regions and one box's distributions (``<stem>_ld_regions.png``,
+    :func:`csgr_distill.vis.draw_ld_regions`)."""
+    details = {k: v.cpu() for k, v in
+               ld.region_details(pic.student, pic.teacher, pic.gt_instances).items()}
+    details["side_targets"] = pic.model.box2box_transform.side_targets(
+        details["anchors"], details["gt_boxes"])
+    out_hw = pic.rgb.shape[:2]
+    scale = (out_hw[1] / pic.image_size[1], out_hw[0] / pic.image_size[0])
+    return [_save(pic.stem_path + "_ld_regions.png", draw_ld_regions(
+        pic.rgb, details, pic.gt_instances[0].gt_boxes.tensor, scale))]
+
+
 #: methods with pictures of their own: registered name -> fn(PictureInputs, distiller) -> paths
-PICTURES = {"CSGR": csgr_pictures, "FGD": fgd_pictures, "TAR": tar_pictures}
+PICTURES = {"CSGR": csgr_pictures, "FGD": fgd_pictures, "TAR": tar_pictures, "LD": ld_pictures}
 
 
 def default_pixel(d, stride, image_size, orig_hw):

@@ -100,7 +100,8 @@ class LDDistiller(nn.Module):
     """LD's main LD, VLR LD and main KD (module docstring), between two
     ``DistributionRetinaNet`` s with the same anchors and bins. LD has no parameters."""
 
-    required_outputs = {"student": ("cls_logits", "box_deltas", "anchors", "anchor_labels"),
+    required_outputs = {"student": ("cls_logits", "box_deltas", "anchors", "anchor_labels",
+                                    "anchor_gt_boxes"),
                         "teacher": ("cls_logits", "box_deltas")}
     loss_weight_keys = {"loss_ld_vlr": "MODEL.DISTILL.LD.VLR_WEIGHT",
                         "loss_ld_kd": "MODEL.DISTILL.LD.KD_WEIGHT",
@@ -218,6 +219,30 @@ class LDDistiller(nn.Module):
             kd = bin_kl(s_cls[pos], t_cls[pos], self.kd_temperature)
             out["loss_ld_kd"] = self.kd_weight * kd.sum() / max(num_pos, 1)
         return out
+
+    def region_details(self, student, teacher, gt_instances, image: int = 0) -> Dict[str, Tensor]:
+        """What the terms see on one image, for pictures (no grad): ``anchors`` ``[R, 4]``,
+        ``positive`` ``[R]`` (the main region) with ``weight`` (the student's max class score),
+        ``vlr`` ``[R]`` with ``vlr_iou`` (after the positives' exclusion when it applies), the
+        side distributions at temperature 1 ``s_prob``/``t_prob`` ``[R, 4, n + 1]`` and each
+        anchor's matched GT box ``gt_boxes`` ``[R, 4]``."""
+        with torch.no_grad():
+            s_cls, s_box = self.flat(student, "student")
+            _, t_box = self.flat(teacher, "teacher")
+            labels = student.anchor_labels[image]
+            positive = (labels >= 0) & (labels != self.num_classes)
+            anchors = [a.tensor for a in student.anchors]
+            vlr, iou = vlr_region(anchors, gt_instances[image].gt_boxes.tensor.to(s_box.device),
+                                  self.vlr_topk, self.vlr_low)
+            if self.vlr_exclude_positives:
+                vlr = vlr & ~positive
+            shape = (s_box.shape[1], 4, self.bins)
+            return {"anchors": cat(anchors), "positive": positive,
+                    "weight": torch.sigmoid(s_cls[image]).max(dim=1).values,
+                    "vlr": vlr, "vlr_iou": torch.where(vlr, iou, torch.zeros_like(iou)),
+                    "s_prob": F.softmax(s_box[image].reshape(shape), dim=-1),
+                    "t_prob": F.softmax(t_box[image].reshape(shape), dim=-1),
+                    "gt_boxes": student.anchor_gt_boxes[image]}
 
     def _side_kl(self, s_box: Tensor, t_box: Tensor) -> Tensor:
         """``[M, 4 (n + 1)]`` twice -> ``[M, 4]`` the KL of each side (:func:`bin_kl`)."""
