@@ -214,6 +214,49 @@ def add_architecture_config(cfg):
         cfg.MODEL.RETINANET.REG_MAX = 16
         # Distribution Focal Loss weight (GFL: 0.25; 0 turns it off).
         cfg.MODEL.RETINANET.DFL_WEIGHT = 0.25
+    if "DETR" not in cfg.MODEL:
+        add_detr_config(cfg)
+    if "OPTIMIZER" not in cfg.SOLVER:
+        # "SGD" (detectron2's) or "ADAMW" (DETR's recipe: torch.optim.AdamW with
+        # SOLVER.BASE_LR / WEIGHT_DECAY, betas (0.9, 0.999)).
+        cfg.SOLVER.OPTIMIZER = "SGD"
+        # lr factor of the backbone's parameters (`backbone.*`); DETR's recipe: 0.1.
+        cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+    return cfg
+
+
+def add_detr_config(cfg):
+    """``MODEL.DETR``: the DETR family of ``csgr_distill.detr_port`` (in place). Defaults: the
+    official DETR R50 recipe (Carion et al., ECCV 2020); configs/detr/ set Deformable DETR's."""
+    d = cfg.MODEL.DETR = CN()
+    d.NUM_CLASSES = 80
+    # backbone levels the transformer reads, by the backbone's names: DETR reads res5 only;
+    # Deformable DETR res3-res5 (plus NUM_FEATURE_LEVELS - 3 levels made by strided convs)
+    d.IN_FEATURES = ["res5"]
+    d.NUM_QUERIES = 100
+    d.HIDDEN_DIM = 256  # d_model
+    d.NHEADS = 8
+    d.ENC_LAYERS = 6
+    d.DEC_LAYERS = 6
+    d.DIM_FEEDFORWARD = 2048
+    d.DROPOUT = 0.1
+    d.PRE_NORM = False  # DETR: post-norm layers
+    # losses at every decoder layer (DETR's auxiliary decoding losses)
+    d.AUX_LOSS = True
+    # loss weights = matcher costs (DETR: class 1, L1 5, GIoU 2; Deformable DETR: 2, 5, 2)
+    d.CLASS_WEIGHT = 1.0
+    d.L1_WEIGHT = 5.0
+    d.GIOU_WEIGHT = 2.0
+    # DETR: weight of the no-object class in the cross-entropy (eos_coef)
+    d.NO_OBJECT_WEIGHT = 0.1
+    # Deformable DETR only: levels (res3-res5 + extra), sampling points, focal loss alpha,
+    # iterative box refinement, two-stage
+    d.NUM_FEATURE_LEVELS = 4
+    d.ENC_N_POINTS = 4
+    d.DEC_N_POINTS = 4
+    d.FOCAL_ALPHA = 0.25
+    d.WITH_BOX_REFINE = False
+    d.TWO_STAGE = False
     return cfg
 
 
@@ -253,6 +296,12 @@ def add_data_config(cfg):
         # Relative paths are relative to the working directory; $DETECTRON2_DATASETS is expanded.
         # e.g. DATASETS.REGISTER "[['mydata_train', 'coco', 'data/train.json', 'data/images']]"
         cfg.DATASETS.REGISTER = []
+    if "DETR_AUGMENTATION" not in cfg.INPUT:
+        # True: DETR's training augmentation (flip; then either a multi-scale resize to
+        # INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN, or a resize to one of DETR_CROP_RESIZE, a random
+        # crop of INPUT.CROP.SIZE (absolute_range) and the multi-scale resize), each half the time.
+        cfg.INPUT.DETR_AUGMENTATION = False
+        cfg.INPUT.DETR_CROP_RESIZE = (400, 500, 600)
     if "FIXED_SIZE" not in cfg.INPUT:
         # > 0: train and test at this size: sets INPUT.MIN_SIZE_TRAIN (S,), MAX_SIZE_TRAIN S,
         # MIN_SIZE_TEST S, MAX_SIZE_TEST S (the longer image side becomes S; square tiles stay

@@ -16,7 +16,8 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.solver import build_optimizer as build_detectron2_optimizer
 
-__all__ = ["CLIP_TYPES", "build_optimizer", "add_full_model_gradient_clipping"]
+__all__ = ["CLIP_TYPES", "OPTIMIZERS", "build_optimizer", "build_base_optimizer",
+           "add_full_model_gradient_clipping"]
 
 #: the accepted ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE`` values (the first two are detectron2's)
 CLIP_TYPES = ("value", "norm", "full_model")
@@ -57,25 +58,60 @@ def add_full_model_gradient_clipping(
     return clipped
 
 
+#: the accepted ``SOLVER.OPTIMIZER`` values
+OPTIMIZERS = ("SGD", "ADAMW")
+
+
+def build_base_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer before any clipping: detectron2's SGD (``SOLVER.OPTIMIZER "SGD"``, with
+    ``SOLVER.BACKBONE_MULTIPLIER`` 1) or, otherwise, torch's SGD / AdamW over detectron2's
+    default param groups (weight decay, norm weight decay, bias lr factor) with the lr of every
+    ``backbone.*`` parameter times ``SOLVER.BACKBONE_MULTIPLIER`` (DETR's recipe: AdamW, 0.1)."""
+    name = str(cfg.SOLVER.get("OPTIMIZER", "SGD")).upper()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got "
+                         f"{cfg.SOLVER.OPTIMIZER!r}")
+    multiplier = float(cfg.SOLVER.get("BACKBONE_MULTIPLIER", 1.0))
+    if name == "SGD" and multiplier == 1.0:
+        return build_detectron2_optimizer(cfg, model)
+    from detectron2.solver.build import get_default_optimizer_params
+
+    params = get_default_optimizer_params(
+        model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        lr_factor_func=lambda n: multiplier if n.startswith("backbone.") else 1.0)
+    if name == "ADAMW":
+        return torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR,
+                                 weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    return torch.optim.SGD(params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
+                           nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+
+
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """detectron2's ``build_optimizer`` (SGD, its param groups and lr factors), with
+    """:func:`build_base_optimizer` (detectron2's SGD by default), with
     ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE`` one of :data:`CLIP_TYPES`.
 
-    ``"value"`` and ``"norm"`` are left to detectron2 unchanged. For ``"full_model"`` detectron2
-    builds the optimizer with its own clipping off and :func:`add_full_model_gradient_clipping`
+    ``"value"`` and ``"norm"`` are left to detectron2 unchanged. For ``"full_model"`` the
+    optimizer is built with detectron2's clipping off and :func:`add_full_model_gradient_clipping`
     adds the global clipping (``CLIP_VALUE`` = max norm, ``NORM_TYPE`` = p).
     """
     clip = cfg.SOLVER.CLIP_GRADIENTS
+    custom = (str(cfg.SOLVER.get("OPTIMIZER", "SGD")).upper() != "SGD"
+              or float(cfg.SOLVER.get("BACKBONE_MULTIPLIER", 1.0)) != 1.0)
     if not clip.ENABLED:
-        return build_detectron2_optimizer(cfg, model)
+        return build_base_optimizer(cfg, model)
     if clip.CLIP_TYPE not in CLIP_TYPES:
         raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of {CLIP_TYPES}, got "
                          f"{clip.CLIP_TYPE!r} ('full_model' clips the norm of all gradients "
                          "together, 'norm' each parameter's own)")
     if clip.CLIP_TYPE != "full_model":
+        if custom:
+            from detectron2.solver.build import maybe_add_gradient_clipping
+            return maybe_add_gradient_clipping(cfg, build_base_optimizer(cfg, model))
         return build_detectron2_optimizer(cfg, model)
     plain = cfg.clone()
     plain.defrost()
     plain.SOLVER.CLIP_GRADIENTS.ENABLED = False
-    optimizer = build_detectron2_optimizer(plain, model)
+    optimizer = build_base_optimizer(plain, model)
     return add_full_model_gradient_clipping(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)

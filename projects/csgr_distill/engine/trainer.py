@@ -114,6 +114,18 @@ class DistillTrainer(DefaultTrainer):
         return super().build_lr_scheduler(cfg, optimizer)
 
     @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's loader; with ``INPUT.DETR_AUGMENTATION`` its mapper applies DETR's
+        augmentation (:func:`csgr_distill.detr_port.augmentation.detr_augmentations`)."""
+        if not cfg.INPUT.get("DETR_AUGMENTATION", False):
+            return super().build_train_loader(cfg)
+        from detectron2.data import DatasetMapper, build_detection_train_loader
+
+        from ..detr_port.augmentation import detr_augmentations
+        mapper = DatasetMapper(cfg, is_train=True, augmentations=detr_augmentations(cfg))
+        return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
 

@@ -1,0 +1,249 @@
+"""The DETR port: the library's Hungarian assignment against a brute-force permutation search, the
+port's forward against python-detr's own DETR given the same weights (the official checkpoint
+layout, converted), padding masks for images of different sizes, training/inference glue."""
+import itertools
+import os
+
+import pytest
+import torch
+import torchvision
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import ImageList
+from detectron2.utils.events import EventStorage
+
+from csgr_distill.config import add_distill_config
+from csgr_distill.detr_port.convert import official_detr_to_port
+from csgr_distill.detr_port.masks import level_mask, padding_mask
+from tiny import REPO, fake_batch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_detr_cfg(depth=18, out=None):
+    cfg = add_distill_config(get_cfg())
+    cfg.merge_from_file(os.path.join(REPO, "configs/demo/Base-Demo-DETR.yaml"))
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"  # as the official torchvision backbone
+    cfg.MODEL.DETR.HIDDEN_DIM, cfg.MODEL.DETR.NHEADS = 32, 4
+    cfg.MODEL.DETR.DIM_FEEDFORWARD, cfg.MODEL.DETR.NUM_QUERIES = 64, 10
+    if out is not None:
+        cfg.OUTPUT_DIR = str(out)
+    return cfg
+
+
+def test_hungarian_assignment_is_the_brute_force_optimum():
+    from detr.models.matcher import HungarianMatcher
+    from detr.util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+    torch.manual_seed(0)
+    matcher = HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0)
+    q, k = 5, 4
+    logits = torch.randn(1, q, k + 1)
+    boxes = torch.rand(1, q, 4) * 0.5 + 0.25
+    target = {"labels": torch.tensor([0, 2, 3]), "boxes": torch.rand(3, 4) * 0.4 + 0.3}
+    (rows, cols), = matcher({"pred_logits": logits, "pred_boxes": boxes}, [target])
+    prob = logits[0].softmax(-1)
+    cost = (-prob[:, target["labels"]] + 5.0 * torch.cdist(boxes[0], target["boxes"], p=1)
+            - 2.0 * generalized_box_iou(box_cxcywh_to_xyxy(boxes[0]),
+                                        box_cxcywh_to_xyxy(target["boxes"])))
+    best = min(itertools.permutations(range(q), 3),
+               key=lambda perm: float(sum(cost[p, t] for t, p in enumerate(perm))))
+    got = {int(c): int(r) for r, c in zip(rows, cols)}
+    assert [got[t] for t in range(3)] == list(best)
+
+
+def test_padding_masks_of_images_of_different_sizes():
+    images = ImageList.from_tensors([torch.zeros(3, 24, 64), torch.zeros(3, 64, 24)], 32)
+    mask = padding_mask(images)
+    assert mask.shape == (2, 64, 64)
+    assert not mask[0, :24].any() and mask[0, 24:].all()
+    assert not mask[1, :, :24].any() and mask[1, :, 24:].all()
+    # stride 32: a cell takes the mask at its top-left pixel (DETR's nearest interpolation)
+    small = level_mask(mask, (2, 2))
+    assert small[0].tolist() == [[False, False], [True, True]]
+    assert small[1].tolist() == [[False, True], [False, True]]
+
+
+def _library_detr(cfg):
+    """python-detr's own DETR with its own (torchvision) backbone, in its official layout."""
+    from detr.models.backbone import BackboneBase, FrozenBatchNorm2d, Joiner
+    from detr.models.detr import DETR
+    from detr.models.position_encoding import PositionEmbeddingSine
+    from detr.models.transformer import Transformer
+    d = cfg.MODEL.DETR
+    resnet = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
+    backbone = Joiner(BackboneBase(resnet, True, 512, False),
+                      PositionEmbeddingSine(d.HIDDEN_DIM // 2, normalize=True))
+    backbone.num_channels = 512  # as detr.models.backbone.build_backbone sets it
+    transformer = Transformer(d_model=d.HIDDEN_DIM, nhead=d.NHEADS,
+                              num_encoder_layers=d.ENC_LAYERS, num_decoder_layers=d.DEC_LAYERS,
+                              dim_feedforward=d.DIM_FEEDFORWARD, dropout=0.0,
+                              return_intermediate_dec=True)
+    model = DETR(backbone, transformer, num_classes=d.NUM_CLASSES, num_queries=d.NUM_QUERIES,
+                 aux_loss=True)
+    with torch.no_grad():  # non-trivial frozen-BN statistics
+        for name, buf in model.named_buffers():
+            if "running_var" in name:
+                buf.uniform_(0.5, 2.0)
+            elif "running_mean" in name or name.endswith(".bias"):
+                buf.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_forward_equals_the_library_detr_on_a_converted_official_checkpoint(tmp_path):
+    from detr.util.misc import nested_tensor_from_tensor_list
+    torch.manual_seed(0)
+    cfg = tiny_detr_cfg()
+    cfg.MODEL.DETR.DROPOUT = 0.0
+    library = _library_detr(cfg)
+    path = tmp_path / "detr-official.pth"
+    torch.save({"model": library.state_dict()}, path)  # the official checkpoint layout
+    port = build_model(cfg).eval()
+    state = official_detr_to_port(torch.load(path, weights_only=False)["model"])
+    port.load_state_dict(state, strict=True)
+    # two images of different sizes (padding masks), RGB 0-255 as detectron2 feeds them
+    images = [torch.rand(3, 64, 96) * 255, torch.rand(3, 96, 64) * 255]
+    mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(cfg.MODEL.PIXEL_STD).view(3, 1, 1)
+    with torch.no_grad():
+        ours = port.predict(port.preprocess_image([{"image": x} for x in images]))
+        ref = library(nested_tensor_from_tensor_list([(x - mean) / std for x in images]))
+    assert torch.allclose(ours["pred_logits"], ref["pred_logits"], atol=1e-5)
+    assert torch.allclose(ours["pred_boxes"], ref["pred_boxes"], atol=1e-5)
+    for a, b in zip(ours["aux_outputs"], ref["aux_outputs"]):
+        assert torch.allclose(a["pred_logits"], b["pred_logits"], atol=1e-5)
+
+
+def test_training_losses_are_the_weighted_set_criterion_at_every_layer(tmp_path):
+    cfg = tiny_detr_cfg()
+    model = build_model(cfg).train()
+    with EventStorage(0) as storage:
+        losses = model(fake_batch())
+    d = cfg.MODEL.DETR
+    expected = {f"{k}{s}" for k in ("loss_ce", "loss_bbox", "loss_giou")
+                for s in [""] + [f"_{i}" for i in range(d.DEC_LAYERS - 1)]}
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert "detr/class_error" in storage.latest()  # logged, not summed into the loss
+    model.eval()
+    with torch.no_grad():
+        inst = model(fake_batch(n=1))[0]["instances"]
+    assert len(inst) == d.NUM_QUERIES and inst.image_size == (64, 64)
+    assert (inst.pred_classes < d.NUM_CLASSES).all()
+
+
+def _tiny_opts(out):
+    from tiny import TINY_TRAIN, TINY_VAL
+    return ["DATASETS.TRAIN", f"('{TINY_TRAIN}',)", "DATASETS.TEST", f"('{TINY_VAL}',)",
+            "INPUT.FIXED_SIZE", "64", "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2",
+            "SOLVER.WARMUP_ITERS", "0", "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
+            "OUTPUT_DIR", str(out)]
+
+
+def test_demo_detr_trains_evaluates_exports_and_reloads(tmp_path, tiny_shapes):
+    """configs/demo/DETR-R18.yaml through tools/train_net.py (DETR's augmentation and AdamW on),
+    --eval-only with detectron2's evaluator, and the exported student predicting the same."""
+    import json
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import train_net
+    from csgr_distill.config import load_config
+    from csgr_distill.export import StudentCheckpointer
+
+    config = os.path.join(REPO, "configs/demo/DETR-R18.yaml")
+    out = tmp_path / "run"
+    train_net.cli(["--config-file", config, *_tiny_opts(out), "INPUT.DETR_AUGMENTATION", "True",
+                   "INPUT.DETR_CROP_RESIZE", "(48, 56)", "INPUT.CROP.SIZE", "(40, 56)"])
+    with open(out / "metrics.json") as f:
+        keys = set().union(*[json.loads(line) for line in f if line.strip()])
+    assert {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"} <= keys
+    train_net.cli(["--config-file", config, "--eval-only", *_tiny_opts(tmp_path / "eval"),
+                   "MODEL.WEIGHTS", str(out / "model_final.pth")])
+    with open(tmp_path / "eval" / "eval_results.json") as f:
+        assert "AP" in json.load(f)["bbox"]
+    from csgr_distill.export import export_student
+    counts = export_student(str(out / "model_final.pth"), str(tmp_path / "student.pth"),
+                            load_config(config, _tiny_opts(out)))
+    plain = load_config(counts["config"])
+    assert plain.MODEL.META_ARCHITECTURE == "Detr"
+    model = build_model(load_config(config, _tiny_opts(tmp_path / "x"))).eval()
+    StudentCheckpointer(model).load(str(out / "model_final.pth"))
+    reloaded = build_model(plain).eval()
+    StudentCheckpointer(reloaded).load(plain.MODEL.WEIGHTS)
+    batch = fake_batch(n=1)
+    with torch.no_grad():
+        a, b = model(batch)[0]["instances"], reloaded(batch)[0]["instances"]
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores,
+                                                                                 b.scores)
+
+
+def test_converter_tool_loads_strictly_and_remaps_coco_ids(tmp_path):
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import convert_detr_checkpoint
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    torch.manual_seed(0)
+    cfg = tiny_detr_cfg()
+    cfg.MODEL.DETR.NUM_CLASSES = 91  # an official COCO head: 91 ids + no-object
+    official = tmp_path / "official.pth"
+    torch.save({"model": _library_detr(cfg).state_dict()}, official)
+    yaml_path = tmp_path / "detr.yaml"
+    yaml_path.write_text(tiny_detr_cfg().dump())  # 6 classes: the plain conversion must not fit
+    rc = convert_detr_checkpoint.run_cli(convert_detr_checkpoint.main, [
+        "--input", str(official), "--output", str(tmp_path / "port.pth"),
+        "--config-file", str(yaml_path)])
+    assert rc != 0
+    cfg80 = tiny_detr_cfg()
+    cfg80.MODEL.DETR.NUM_CLASSES = 80
+    yaml80 = tmp_path / "detr80.yaml"
+    yaml80.write_text(cfg80.dump())
+    rc = convert_detr_checkpoint.run_cli(convert_detr_checkpoint.main, [
+        "--input", str(official), "--output", str(tmp_path / "port.pth"),
+        "--config-file", str(yaml80), "--coco-to-contiguous"])
+    assert rc == 0
+    converted = torch.load(tmp_path / "port.pth", weights_only=False)["model"]
+    original = torch.load(official, weights_only=False)["model"]
+    ids = [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
+    assert torch.equal(converted["class_embed.weight"][:80], original["class_embed.weight"][ids])
+    assert torch.equal(converted["class_embed.weight"][80], original["class_embed.weight"][91])
+    build_model(cfg80).load_state_dict(converted, strict=True)
+
+
+def test_detr_recipe_optimizer_adamw_with_backbone_lr_and_full_clipping():
+    from csgr_distill.engine.optimizer import build_optimizer
+    cfg = tiny_detr_cfg()
+    model = build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    assert isinstance(opt, torch.optim.AdamW) and "FullModelGradientClip" in type(opt).__name__
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            expected = 1e-5 if names[id(p)].startswith("backbone.") else 1e-4
+            assert group["lr"] == pytest.approx(expected), names[id(p)]
+
+
+def test_detr_augmentation_chooses_resize_or_crop():
+    import numpy as np
+    from detectron2.data import transforms as T
+    from csgr_distill.detr_port.augmentation import detr_augmentations
+    cfg = tiny_detr_cfg()
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 64
+    cfg.INPUT.DETR_CROP_RESIZE, cfg.INPUT.CROP.SIZE = (96,), (40, 40)
+    cfg.INPUT.CROP.TYPE = "absolute_range"
+    augs = T.AugmentationList(detr_augmentations(cfg))
+    kinds = set()
+    np.random.seed(0)
+    for _ in range(20):
+        aug_input = T.AugInput(np.zeros((128, 96, 3), dtype=np.uint8),
+                               boxes=np.array([[10.0, 10.0, 50.0, 60.0]]))
+        transforms = augs(aug_input)
+        kinds.add(any(isinstance(t, T.CropTransform) for t in transforms.transforms))
+        assert max(aug_input.image.shape[:2]) <= 64
+    assert kinds == {True, False}

@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Convert an official DETR checkpoint (facebookresearch/detr, e.g. ``detr-r50-e632da11.pth``:
+``{"model": state_dict}`` with a torchvision ResNet under ``backbone.0.body.``) into this
+project's ``Detr`` layout (a detectron2 ResNet under ``backbone.``), and check that it loads
+strictly into the model of ``--config-file``:
+
+    tools/convert_detr_checkpoint.py --input detr-r50-e632da11.pth --output detr_r50_port.pth \\
+        --config-file configs/detr/DETR-R50.yaml
+
+then ``MODEL.WEIGHTS detr_r50_port.pth`` (or ``MODEL.DISTILL.TEACHER.WEIGHTS`` for a teacher).
+Official COCO checkpoints score the 91 COCO category ids; with ``--coco-to-contiguous`` their
+class head keeps the 80 classes in detectron2's order (``MODEL.DETR.NUM_CLASSES 80``, evaluated
+by detectron2's COCO evaluator); without it the model needs ``MODEL.DETR.NUM_CLASSES 91``. A key
+that does not load (missing, unexpected or of another shape) is an error naming it.
+"""
+import argparse
+import sys
+
+import torch
+from detectron2.modeling import build_model
+
+import csgr_distill  # noqa: F401  (registers Detr)
+from csgr_distill.cli import CliError, add_debug_argument, run_cli
+from csgr_distill.config import load_config
+from csgr_distill.detr_port.convert import coco_ids_to_contiguous, official_detr_to_port
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="official DETR checkpoint (.pth)")
+    p.add_argument("--output", required=True, help="converted checkpoint (.pth)")
+    p.add_argument("--config-file", required=True,
+                   help="the Detr config the weights are for (checked by a strict load)")
+    p.add_argument("--coco-to-contiguous", action="store_true",
+                   help="remap an official COCO class head (92 rows) to detectron2's 80 classes")
+    add_debug_argument(p)
+    p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides")
+    args = p.parse_args(argv)
+    loaded = torch.load(args.input, map_location="cpu", weights_only=False)
+    state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict) or not any(k.startswith("backbone.0.body.") for k in state):
+        raise CliError(f"--input {args.input}: not an official DETR checkpoint (expected "
+                       "{'model': state_dict} with backbone.0.body.* keys)")
+    converted = official_detr_to_port(state)
+    if args.coco_to_contiguous:
+        try:
+            converted = coco_ids_to_contiguous(converted)
+        except ValueError as e:
+            raise CliError(f"--coco-to-contiguous: {e}") from e
+    cfg = load_config(args.config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"] + args.opts,
+                      check_steps=False)
+    model = build_model(cfg)
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in converted.items()
+              if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(converted))
+    unexpected = sorted(set(converted) - set(own))
+    if missing or unexpected or shapes:
+        raise CliError(
+            f"the converted weights do not fit {args.config_file}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, other shapes {shapes[:5]} (check MODEL.DETR.* and "
+            "MODEL.RESNETS.DEPTH against the checkpoint; --coco-to-contiguous for an official "
+            "COCO head in an 80-class model)")
+    model.load_state_dict(converted, strict=True)
+    torch.save({"model": converted, "__author__": "csgr_distill convert_detr_checkpoint"},
+               args.output)
+    print(f"Wrote {args.output}: {len(converted)} tensors, loaded strictly into "
+          f"{cfg.MODEL.META_ARCHITECTURE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
