@@ -2,6 +2,7 @@
 port's forward against python-detr's own DETR given the same weights (the official checkpoint
 layout, converted), padding masks for images of different sizes, training/inference glue."""
 import itertools
+import math
 import os
 
 import pytest
@@ -247,3 +248,79 @@ def test_detr_augmentation_chooses_resize_or_crop():
         kinds.add(any(isinstance(t, T.CropTransform) for t in transforms.transforms))
         assert max(aug_input.image.shape[:2]) <= 64
     assert kinds == {True, False}
+
+
+def _deformable_cfg():
+    from csgr_distill.config import load_config
+    cfg = load_config(os.path.join(REPO, "configs/demo/DeformableDETR-R18.yaml"),
+                      ["INPUT.FIXED_SIZE", "64", "MODEL.DETR.HIDDEN_DIM", "64",
+                       "MODEL.DETR.NHEADS", "4", "MODEL.DETR.DIM_FEEDFORWARD", "64",
+                       "MODEL.DETR.NUM_QUERIES", "10"], check_steps=False)
+    return cfg
+
+
+def test_deformable_detr_masks_follow_the_librarys_convention():
+    """The detectron2 encoder gives the library what its own conv encoder would: per level the
+    feature map and the pixel mask (True = real pixel) interpolated to it."""
+    from csgr_distill.detr_port.deformable_detr import _Detectron2Encoder
+    model = build_model(_deformable_cfg()).eval()
+    images = model.preprocess_image([{"image": torch.rand(3, 64, 40) * 255},
+                                     {"image": torch.rand(3, 48, 64) * 255}])
+    pixel_mask = (~padding_mask(images)).long()
+    encoder = model.detector.model.backbone
+    assert isinstance(encoder, _Detectron2Encoder)
+    with torch.no_grad():
+        levels = encoder(images.tensor, pixel_mask)
+        feats = model.backbone(images.tensor)
+    for (fmap, mask), name in zip(levels, ["res3", "res4", "res5"]):
+        assert torch.equal(fmap, feats[name])
+        expected = torch.nn.functional.interpolate(pixel_mask[None].float(),
+                                                   size=fmap.shape[-2:]).to(torch.bool)[0]
+        assert torch.equal(mask, expected)
+    # the backbone is saved once, under backbone.
+    keys = model.state_dict()
+    assert not any(k.startswith("detector.model.backbone") for k in keys)
+    assert any(k.startswith("backbone.res5") for k in keys)
+
+
+def test_deformable_detr_trains_and_predicts_with_the_official_losses_and_init():
+    model = build_model(_deformable_cfg()).train()
+    bias = model.detector.class_embed[0].bias
+    assert torch.allclose(bias, torch.full_like(bias, -math.log(99.0)))
+    with EventStorage(0):
+        losses = model(fake_batch())
+    assert set(losses) == {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0",
+                           "loss_giou_0"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    raw = model.predict(model.preprocess_image(fake_batch()), None)
+    assert raw.logits.shape == (2, 10, 6)
+    model.eval()
+    with torch.no_grad():
+        inst = model(fake_batch(n=1))[0]["instances"]
+    assert len(inst) == 60 and (inst.scores[:-1] >= inst.scores[1:]).all()  # 10 queries x 6
+
+
+def test_deformable_costs_must_be_integers():
+    cfg = _deformable_cfg()
+    cfg.MODEL.DETR.CLASS_WEIGHT = 2.5
+    with pytest.raises(ValueError, match="MODEL.DETR.CLASS_WEIGHT is 2.5"):
+        build_model(cfg)
+
+
+def test_demo_deformable_detr_trains_two_iterations_and_evaluates(tmp_path, tiny_shapes):
+    import json
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import train_net
+
+    config = os.path.join(REPO, "configs/demo/DeformableDETR-R18.yaml")
+    out = tmp_path / "run"
+    train_net.cli(["--config-file", config, *_tiny_opts(out), "INPUT.DETR_CROP_RESIZE",
+                   "(48, 56)", "INPUT.CROP.SIZE", "(40, 56)"])
+    with open(out / "metrics.json") as f:
+        keys = set().union(*[json.loads(line) for line in f if line.strip()])
+    assert {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"} <= keys
+    train_net.cli(["--config-file", config, "--eval-only", *_tiny_opts(tmp_path / "eval"),
+                   "MODEL.WEIGHTS", str(out / "model_final.pth")])
+    with open(tmp_path / "eval" / "eval_results.json") as f:
+        assert "AP" in json.load(f)["bbox"]
