@@ -324,3 +324,38 @@ def test_demo_deformable_detr_trains_two_iterations_and_evaluates(tmp_path, tiny
                    "MODEL.WEIGHTS", str(out / "model_final.pth")])
     with open(tmp_path / "eval" / "eval_results.json") as f:
         assert "AP" in json.load(f)["bbox"]
+
+
+def test_deformable_forward_equals_the_librarys_model_on_converted_weights():
+    """transformers' DeformableDetrForObjectDetection with its own ResNet-18 and the port with
+    that model's weights converted (detr_port.convert): same logits and boxes on two images of
+    different sizes."""
+    from transformers import DeformableDetrForObjectDetection, ResNetConfig
+    from csgr_distill.detr_port.convert import hf_deformable_detr_to_port
+    from csgr_distill.detr_port.deformable_detr import hf_deformable_config
+    torch.manual_seed(0)
+    cfg = _deformable_cfg()
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    config = hf_deformable_config(cfg, [128, 256, 512])
+    config.backbone_config = ResNetConfig(depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512],
+                                          layer_type="basic",
+                                          out_features=["stage2", "stage3", "stage4"])
+    library = DeformableDetrForObjectDetection(config).eval()
+    with torch.no_grad():  # non-trivial frozen-BN statistics and heads
+        for name, buf in library.named_buffers():
+            if "running_var" in name:
+                buf.uniform_(0.5, 2.0)
+            elif "running_mean" in name:
+                buf.normal_(0, 0.1)
+        for p in library.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    port = build_model(cfg).eval()
+    port.load_state_dict(hf_deformable_detr_to_port(library.state_dict()), strict=True)
+    images = port.preprocess_image([{"image": torch.rand(3, 64, 48) * 255},
+                                    {"image": torch.rand(3, 48, 64) * 255}])
+    pixel_mask = (~padding_mask(images)).long()
+    with torch.no_grad():
+        ours = port.predict(images)
+        ref = library(pixel_values=images.tensor, pixel_mask=pixel_mask)
+    assert torch.allclose(ours.logits, ref.logits, atol=1e-5)
+    assert torch.allclose(ours.pred_boxes, ref.pred_boxes, atol=1e-5)

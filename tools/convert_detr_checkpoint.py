@@ -1,8 +1,13 @@
 #!/usr/bin/env python
-"""Convert an official DETR checkpoint (facebookresearch/detr, e.g. ``detr-r50-e632da11.pth``:
-``{"model": state_dict}`` with a torchvision ResNet under ``backbone.0.body.``) into this
-project's ``Detr`` layout (a detectron2 ResNet under ``backbone.``), and check that it loads
-strictly into the model of ``--config-file``:
+"""Convert a DETR-family checkpoint into this project's layout and check that it loads strictly
+into the model of ``--config-file``:
+
+* ``--format official-detr`` (default): facebookresearch/detr's (e.g. ``detr-r50-e632da11.pth``:
+  ``{"model": state_dict}``, a torchvision ResNet under ``backbone.0.body.``) -> ``Detr``;
+* ``--format hf-deformable-detr``: a transformers ``DeformableDetrForObjectDetection`` state dict
+  with a transformers ResNet backbone (``model.backbone.model.``; a ``.pth`` of
+  ``model.state_dict()``, or ``{"model": ...}``) -> ``DeformableDetr``.
+
 
     tools/convert_detr_checkpoint.py --input detr-r50-e632da11.pth --output detr_r50_port.pth \\
         --config-file configs/detr/DETR-R50.yaml
@@ -22,7 +27,8 @@ from detectron2.modeling import build_model
 import csgr_distill  # noqa: F401  (registers Detr)
 from csgr_distill.cli import CliError, add_debug_argument, run_cli
 from csgr_distill.config import load_config
-from csgr_distill.detr_port.convert import coco_ids_to_contiguous, official_detr_to_port
+from csgr_distill.detr_port.convert import (coco_ids_to_contiguous, hf_deformable_detr_to_port,
+                                            official_detr_to_port)
 
 
 def main(argv=None):
@@ -32,6 +38,8 @@ def main(argv=None):
     p.add_argument("--output", required=True, help="converted checkpoint (.pth)")
     p.add_argument("--config-file", required=True,
                    help="the Detr config the weights are for (checked by a strict load)")
+    p.add_argument("--format", default="official-detr",
+                   choices=["official-detr", "hf-deformable-detr"])
     p.add_argument("--coco-to-contiguous", action="store_true",
                    help="remap an official COCO class head (92 rows) to detectron2's 80 classes")
     add_debug_argument(p)
@@ -39,13 +47,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     loaded = torch.load(args.input, map_location="cpu", weights_only=False)
     state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state, dict) or not any(k.startswith("backbone.0.body.") for k in state):
-        raise CliError(f"--input {args.input}: not an official DETR checkpoint (expected "
-                       "{'model': state_dict} with backbone.0.body.* keys)")
-    converted = official_detr_to_port(state)
+    marker = "backbone.0.body." if args.format == "official-detr" else "model.backbone.model."
+    if not isinstance(state, dict) or not any(k.startswith(marker) for k in state):
+        raise CliError(f"--input {args.input}: not a {args.format} checkpoint (expected a state "
+                       f"dict, or {{'model': state_dict}}, with {marker}* keys)")
+    converted = (official_detr_to_port(state) if args.format == "official-detr"
+                 else hf_deformable_detr_to_port(state))
     if args.coco_to_contiguous:
         try:
-            converted = coco_ids_to_contiguous(converted)
+            key = "class_embed" if args.format == "official-detr" else None
+            if key is None:
+                raise ValueError("only official DETR heads (92 rows) are remapped")
+            converted = coco_ids_to_contiguous(converted, key)
         except ValueError as e:
             raise CliError(f"--coco-to-contiguous: {e}") from e
     cfg = load_config(args.config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"] + args.opts,

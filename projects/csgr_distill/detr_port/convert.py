@@ -5,13 +5,20 @@ The official DETR code keeps a torchvision ResNet under ``backbone.0.body.`` (``
 ``backbone.`` (``stem.conv1`` with ``.norm``, ``res{X+1}.Y.convZ`` with ``.norm``,
 ``shortcut``). Every other key (``transformer.*``, ``class_embed.*``, ``bbox_embed.*``,
 ``query_embed.*``, ``input_proj.*``) has the same name in both.
+
+A Hugging Face ``DeformableDetrForObjectDetection`` keeps its ResNet under
+``model.backbone.model.`` (``embedder.embedder``, ``encoder.stages.S.layers.B.layer.K`` /
+``.shortcut``, each a ``convolution`` + ``normalization``); the port's ``DeformableDetr`` keeps
+the detectron2 ResNet under ``backbone.`` and the rest of the library's model under
+``detector.``.
 """
 import re
 from typing import Dict, Mapping
 
 import torch
 
-__all__ = ["torchvision_resnet_to_detectron2", "official_detr_to_port", "coco_ids_to_contiguous"]
+__all__ = ["torchvision_resnet_to_detectron2", "official_detr_to_port", "coco_ids_to_contiguous",
+           "hf_resnet_to_detectron2", "hf_deformable_detr_to_port"]
 
 
 def torchvision_resnet_to_detectron2(key: str) -> str:
@@ -62,4 +69,34 @@ def coco_ids_to_contiguous(state: Dict[str, torch.Tensor],
             raise ValueError(f"{name} has {rows} rows; an official COCO head has 92 (91 ids + "
                              "no-object)")
         out[name] = torch.cat([state[name][ids], state[name][-1:]])
+    return out
+
+
+def hf_resnet_to_detectron2(key: str) -> str:
+    """One key of a transformers ``ResNetBackbone`` (without prefix) -> detectron2's ResNet."""
+    m = re.match(r"embedder\.embedder\.(convolution|normalization)\.(.*)$", key)
+    if m:
+        return "stem.conv1." + ("" if m.group(1) == "convolution" else "norm.") + m.group(2)
+    m = re.match(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(layer\.(\d+)|shortcut)\."
+                 r"(convolution|normalization)\.(.*)$", key)
+    if m is None:
+        raise KeyError(f"not a transformers ResNet key: {key!r}")
+    stage, block = int(m.group(1)) + 2, m.group(2)
+    conv = "shortcut" if m.group(3) == "shortcut" else f"conv{int(m.group(4)) + 1}"
+    norm = "" if m.group(5) == "convolution" else "norm."
+    return f"res{stage}.{block}.{conv}.{norm}{m.group(6)}"
+
+
+def hf_deformable_detr_to_port(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A transformers ``DeformableDetrForObjectDetection`` state dict (ResNet backbone) -> this
+    port's :class:`DeformableDetr` state dict."""
+    out = {}
+    prefix = "model.backbone.model."
+    for key, value in state.items():
+        if key.startswith(prefix):
+            if key.endswith("num_batches_tracked"):
+                continue
+            out["backbone." + hf_resnet_to_detectron2(key[len(prefix):])] = value
+        else:
+            out["detector." + key] = value
     return out

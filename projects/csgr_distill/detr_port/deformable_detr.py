@@ -127,6 +127,9 @@ class DeformableDetr(nn.Module):
         if missing or not d.IN_FEATURES:
             raise ValueError(f"MODEL.DETR.IN_FEATURES {list(d.IN_FEATURES)}: the backbone gives "
                              f"{sorted(shapes)} (MODEL.RESNETS.OUT_FEATURES)")
+        if d.DEC_LAYERS < 2:
+            raise ValueError("MODEL.DETR.DEC_LAYERS must be >= 2 for DeformableDetr "
+                             "(transformers ties the heads of layers 1.. to layer 0's)")
         if d.NUM_FEATURE_LEVELS < len(d.IN_FEATURES):
             raise ValueError(f"MODEL.DETR.NUM_FEATURE_LEVELS ({d.NUM_FEATURE_LEVELS}) is below the "
                              f"number of IN_FEATURES ({len(d.IN_FEATURES)})")
