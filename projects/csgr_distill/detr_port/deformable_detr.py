@@ -37,9 +37,13 @@ class _Detectron2Encoder(nn.Module):
         self.in_features = list(in_features)
         shapes = backbone.output_shape()
         self.intermediate_channel_sizes = [shapes[f].channels for f in self.in_features]
+        #: the backbone's output for the current batch when the caller computed it already
+        #: (:meth:`DeformableDetr.predict` sets it around the library call)
+        self.precomputed = None
 
     def forward(self, pixel_values: Tensor, pixel_mask: Tensor):
-        features = self._backbone(pixel_values)
+        features = self.precomputed if self.precomputed is not None else \
+            self._backbone(pixel_values)
         padding = ~pixel_mask.bool()
         return [(features[f], ~level_mask(padding, features[f].shape[-2:]))
                 for f in self.in_features]
@@ -159,7 +163,53 @@ class DeformableDetr(nn.Module):
         ``pred_boxes`` normalised cxcywh, ``intermediate_hidden_states``, ``loss_dict`` when
         ``labels`` are given, ...)."""
         pixel_mask = (~padding_mask(images)).long()
-        return self.detector(pixel_values=images.tensor, pixel_mask=pixel_mask, labels=labels)
+        encoder = self.detector.model.backbone
+        features = self.backbone(images.tensor)
+        encoder.precomputed = features  # the library's call reads them instead of recomputing
+        try:
+            out = self.detector(pixel_values=images.tensor, pixel_mask=pixel_mask, labels=labels)
+        finally:
+            encoder.precomputed = None
+        out["features"] = {f: features[f] for f in self.in_features}
+        out["padded_size"] = tuple(images.tensor.shape[-2:])
+        return out
+
+    def decoder_outputs(self, out) -> Dict[str, object]:
+        """The family-wide view of :meth:`predict`'s output (see :meth:`Detr.decoder_outputs`):
+        every decoder layer's ``pred_logits`` ``[L, N, Q, K]`` (sigmoid classes, ``softmax``
+        False) and ``pred_boxes``, computed from the library's per-layer hidden states and
+        reference points with its own heads, as its forward does for the last layer."""
+        from transformers.models.deformable_detr.modeling_deformable_detr import inverse_sigmoid
+
+        hs = out.intermediate_hidden_states  # [N, L, Q, D]
+        logits, boxes = [], []
+        for level in range(hs.shape[1]):
+            ref = out.init_reference_points if level == 0 else \
+                out.intermediate_reference_points[:, level - 1]
+            ref = inverse_sigmoid(ref)
+            delta = self.detector.bbox_embed[level](hs[:, level])
+            if ref.shape[-1] == 4:
+                delta = delta + ref
+            else:
+                delta = torch.cat([delta[..., :2] + ref, delta[..., 2:]], dim=-1)
+            logits.append(self.detector.class_embed[level](hs[:, level]))
+            boxes.append(delta.sigmoid())
+        return {"features": out["features"], "pred_logits": torch.stack(logits),
+                "pred_boxes": torch.stack(boxes), "query_embeds": hs.transpose(0, 1),
+                "object_queries": self.detector.model.query_position_embeddings.weight,
+                "memory": out.encoder_last_hidden_state, "softmax": False}
+
+    def match(self, logits: Tensor, boxes: Tensor, targets) -> list:
+        """The Hungarian assignment of one layer's predictions (``[N, Q, .]``) to the targets
+        (``labels``/``boxes`` dicts), by the library's matcher with this model's costs: per image
+        ``(pred_idx, gt_idx)``."""
+        from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher
+
+        c = self.detector.config
+        matcher = DeformableDetrHungarianMatcher(class_cost=c.class_cost, bbox_cost=c.bbox_cost,
+                                                 giou_cost=c.giou_cost)
+        labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+        return matcher({"logits": logits, "pred_boxes": boxes}, labels)
 
     def forward(self, batched_inputs: List[dict]):
         images = self.preprocess_image(batched_inputs)

@@ -124,18 +124,38 @@ class Detr(nn.Module):
         ``pred_boxes`` ``[N, Q, 4]`` (normalised cxcywh), ``aux_outputs`` (the other layers,
         with ``AUX_LOSS``) and, for records, ``hs`` ``[L, N, Q, D]`` (every decoder layer's query
         embeddings), ``memory`` ``[N, D, h, w]``, ``src`` (the projected level) and ``mask``."""
-        feature = self.backbone(images.tensor)[self.in_feature]
+        features = self.backbone(images.tensor)
+        feature = features[self.in_feature]
         mask = level_mask(padding_mask(images), feature.shape[-2:])
         pos = self.position_embedding(NestedTensor(feature, mask)).to(feature.dtype)
         src = self.input_proj(feature)
         hs, memory = self.transformer(src, mask, self.query_embed.weight, pos)
         logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "hs": hs, "memory": memory,
-               "src": src, "mask": mask, "all_logits": logits, "all_boxes": boxes}
+               "src": src, "mask": mask, "all_logits": logits, "all_boxes": boxes,
+               "features": {self.in_feature: feature},
+               "padded_size": tuple(images.tensor.shape[-2:])}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
                                   for a, b in zip(logits[:-1], boxes[:-1])]
         return out
+
+    def decoder_outputs(self, out) -> Dict[str, object]:
+        """The family-wide view of :meth:`predict`'s output (what DETR records hold):
+        ``features`` (level -> ``[N, C, H, W]``, the backbone levels the transformer reads),
+        ``pred_logits`` ``[L, N, Q, K+1]`` and ``pred_boxes`` ``[L, N, Q, 4]`` of every decoder
+        layer, ``query_embeds`` ``[L, N, Q, D]`` (the decoder's output queries per layer),
+        ``object_queries`` ``[Q, D]`` (the learned queries), ``memory`` (the encoder's output)
+        and ``softmax`` True (DETR classifies with a softmax over K + 1)."""
+        return {"features": out["features"], "pred_logits": out["all_logits"],
+                "pred_boxes": out["all_boxes"], "query_embeds": out["hs"],
+                "object_queries": self.query_embed.weight, "memory": out["memory"],
+                "softmax": True}
+
+    def match(self, logits: Tensor, boxes: Tensor, targets) -> list:
+        """The Hungarian assignment of one layer's predictions (``[N, Q, .]``) to the targets
+        (:func:`detr_targets`), by the criterion's own matcher: per image ``(pred_idx, gt_idx)``."""
+        return self.criterion.matcher({"pred_logits": logits, "pred_boxes": boxes}, targets)
 
     def forward(self, batched_inputs: List[dict]):
         images = self.preprocess_image(batched_inputs)

@@ -1,0 +1,133 @@
+"""DistillDetr / DistillDeformableDetr: the DETR records (backbone levels, every decoder layer's
+predictions and queries, the matcher's assignment), CSGR and the feature baselines on the levels
+the transformer reads, 2-iteration runs through tools/train_net.py with --eval-only (teacher
+never built) and the exported student."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from csgr_distill.config import load_config
+from csgr_distill.detr_port.detr import detr_targets
+from tiny import REPO, TINY_TRAIN, TINY_VAL, fake_batch, write_model
+
+VARIANTS = {"DETR": ["res5"], "DeformableDETR": ["res3", "res4", "res5"]}
+SMALL = ["INPUT.FIXED_SIZE", "64", "MODEL.DETR.HIDDEN_DIM", "64",
+         "MODEL.DETR.DIM_FEEDFORWARD", "64", "MODEL.DETR.NUM_QUERIES", "10"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("detr_teachers")
+    return {v: write_model(tmp, load_config(os.path.join(
+        REPO, f"configs/demo/teacher-{v}-R18-wide.yaml"), SMALL, check_steps=False), v)[:2]
+        for v in VARIANTS}
+
+
+def _student(variant, teacher, methods=("CSGR",), extra=()):
+    opts = SMALL + ["MODEL.DISTILL.TEACHER.CONFIG", teacher[0],
+                    "MODEL.DISTILL.TEACHER.WEIGHTS", teacher[1],
+                    "MODEL.DISTILL.METHODS", str(list(methods))] + list(extra)
+    return load_config(os.path.join(REPO, f"configs/demo/CSGR-{variant}-R18.yaml"), opts,
+                       check_steps=False)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_records_hold_every_layer_and_the_assignment(variant, teachers):
+    model = build_model(_student(variant, teachers[variant])).train()
+    batch = fake_batch()
+    fields = ("pred_logits", "pred_boxes", "query_embeds", "object_queries", "memory",
+              "softmax", "matches")
+    with EventStorage(0):
+        with model._recording({}, model.recorder.capture_methods(model, fields)) as rec:
+            losses = super(type(model), model).forward(batch)
+    student = model.recorder.from_hooks(model, rec, batch, fields)
+    layers, n, q = 2, 2, 10
+    k = 6 + (1 if variant == "DETR" else 0)
+    assert student.pred_logits.shape == (layers, n, q, k)
+    assert student.pred_boxes.shape == (layers, n, q, 4)
+    assert student.query_embeds.shape[:3] == (layers, n, q)
+    assert student.softmax == (variant == "DETR")
+    assert list(student.features) == VARIANTS[variant]
+    # the last layer is what the detector's own loss saw; the assignment is its matcher's
+    targets = detr_targets([x["instances"] for x in batch], student.image_sizes)
+    last = model.match(student.pred_logits[-1], student.pred_boxes[-1], targets)
+    for (a, b), (c, d) in zip(student.matches[-1], last):
+        assert torch.equal(a, c) and torch.equal(b, d)
+        assert len(a) == 2  # every GT box matched once
+    assert all(torch.isfinite(v) for v in losses.values())
+    # the teacher records the same fields from its own pass
+    with torch.no_grad():
+        teacher = model.run_teacher(batch, student, fields[:-1])
+    assert teacher.pred_logits.shape[1:] == (n, q, k) and teacher.family == "detr"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_feature_methods_distil_the_levels_the_transformer_reads(variant, teachers):
+    levels = VARIANTS[variant]
+    extra = ["MODEL.DISTILL.PKD.IN_FEATURES", str(levels),
+             "MODEL.DISTILL.MIMIC.IN_FEATURES", str(levels),
+             "MODEL.DISTILL.FGD.IN_FEATURES", str(levels)]
+    model = build_model(_student(variant, teachers[variant], ("CSGR", "PKD", "MIMIC", "FGD"),
+                                 extra)).train()
+    with EventStorage(0):
+        losses = model(fake_batch())
+    for level in levels:
+        for name in (f"loss_csgr_cs_{level}", f"loss_pkd_{level}", f"loss_mimic_{level}",
+                     f"loss_fgd_fg_{level}"):
+            assert name in losses and torch.isfinite(losses[name]), name
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in model.teacher.model.parameters())
+
+
+def _tiny_opts(out):
+    return ["DATASETS.TRAIN", f"('{TINY_TRAIN}',)", "DATASETS.TEST", f"('{TINY_VAL}',)",
+            "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0",
+            "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0", "INPUT.DETR_CROP_RESIZE",
+            "(48, 56)", "INPUT.CROP.SIZE", "(40, 56)", "OUTPUT_DIR", str(out)]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_csgr_config_trains_evaluates_without_teacher_and_exports(variant, teachers, tmp_path,
+                                                                  tiny_shapes):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import train_net
+    from csgr_distill.export import StudentCheckpointer
+
+    config = os.path.join(REPO, f"configs/demo/CSGR-{variant}-R18.yaml")
+    out = tmp_path / "run"
+    train_net.cli(["--config-file", config, *SMALL, *_tiny_opts(out),
+                   "MODEL.DISTILL.TEACHER.CONFIG", teachers[variant][0],
+                   "MODEL.DISTILL.TEACHER.WEIGHTS", teachers[variant][1]])
+    with open(out / "metrics.json") as f:
+        keys = set().union(*[json.loads(line) for line in f if line.strip()])
+    assert {f"loss_csgr_cs_{lv}" for lv in VARIANTS[variant]} <= keys and "loss_giou" in keys
+    train_net.cli(["--config-file", config, "--eval-only", *SMALL, *_tiny_opts(tmp_path / "e"),
+                   "MODEL.WEIGHTS", str(out / "model_final.pth"),
+                   "MODEL.DISTILL.TEACHER.CONFIG", str(tmp_path / "absent.yaml"),
+                   "MODEL.DISTILL.TEACHER.WEIGHTS", str(tmp_path / "absent.pth")])
+    with open(tmp_path / "e" / "eval_results.json") as f:
+        assert "AP" in json.load(f)["bbox"]
+    plain = load_config(str(out / "model_final_student.yaml"))
+    assert plain.MODEL.META_ARCHITECTURE == ("Detr" if variant == "DETR" else "DeformableDetr")
+    reloaded = build_model(plain).eval()
+    StudentCheckpointer(reloaded).load(plain.MODEL.WEIGHTS)
+    trained = build_model(load_config(config, SMALL + _tiny_opts(tmp_path / "x")
+                                      + ["MODEL.DISTILL.ENABLED", "False"])).eval()
+    StudentCheckpointer(trained).load(str(out / "model_final.pth"))
+    batch = fake_batch(n=1)
+    with torch.no_grad():
+        a, b = trained(batch)[0]["instances"], reloaded(batch)[0]["instances"]
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
