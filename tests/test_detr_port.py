@@ -359,3 +359,79 @@ def test_deformable_forward_equals_the_librarys_model_on_converted_weights():
         ref = library(pixel_values=images.tensor, pixel_mask=pixel_mask)
     assert torch.allclose(ours.logits, ref.logits, atol=1e-5)
     assert torch.allclose(ours.pred_boxes, ref.pred_boxes, atol=1e-5)
+
+
+def _official_deformable_layout(port_state):
+    """The port's weights written as an official Deformable DETR checkpoint names them (the
+    layout of fundamentalvision/Deformable-DETR, stated here independently of the converter)."""
+    import re
+    official = {}
+    inverse_resnet = {}
+    for stage in range(1, 5):
+        inverse_resnet[f"res{stage + 1}"] = f"layer{stage}"
+    for key, value in port_state.items():
+        if key.startswith("backbone."):
+            k = key[len("backbone."):]
+            k = k.replace("stem.conv1.norm.", "bn1.").replace("stem.conv1.", "conv1.")
+            k = re.sub(r"^res(\d)\.", lambda m: f"layer{int(m.group(1)) - 1}.", k)
+            k = re.sub(r"\.conv(\d)\.norm\.", r".bn\1.", k)
+            k = k.replace(".shortcut.norm.", ".downsample.1.").replace(".shortcut.", ".downsample.0.")
+            official["backbone.0.body." + k] = value
+            continue
+        k = key[len("detector."):]
+        if k.startswith("model.query_position_embeddings."):
+            official["query_embed." + k.split(".")[-1]] = value
+        elif k.startswith("model.input_proj."):
+            official[k[len("model."):]] = value
+        elif k.startswith(("class_embed.", "bbox_embed.")):
+            official[k] = value
+        else:
+            t = k[len("model."):]
+            t = re.sub(r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.norm1.", t)
+            t = re.sub(r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.norm2.", t)
+            t = re.sub(r"\.mlp\.fc1\.", ".linear1.", t)
+            t = re.sub(r"\.mlp\.fc2\.", ".linear2.", t)
+            t = re.sub(r"^decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.", r"decoder.layers.\1.norm1.", t)
+            t = re.sub(r"^decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"decoder.layers.\1.norm2.", t)
+            t = re.sub(r"^decoder\.layers\.(\d+)\.final_layer_norm\.", r"decoder.layers.\1.norm3.", t)
+            t = re.sub(r"\.encoder_attn\.", ".cross_attn.", t)
+            t = re.sub(r"\.self_attn\.o_proj\.", ".self_attn.out_proj.", t)
+            m = re.match(r"^decoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)$", t)
+            if m:
+                name = f"transformer.decoder.layers.{m.group(1)}.self_attn.in_proj_{m.group(3)}"
+                official.setdefault(name, {})[m.group(2)] = value
+                continue
+            official["transformer." + t] = value
+    for key in [k for k, v in official.items() if isinstance(v, dict)]:
+        parts = official[key]
+        official[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return official
+
+
+def test_official_deformable_detr_checkpoint_converts_and_loads_strictly(tmp_path):
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import convert_detr_checkpoint
+    from csgr_distill.detr_port.convert import official_deformable_detr_to_port
+
+    cfg = _deformable_cfg()
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    torch.manual_seed(0)
+    port = build_model(cfg)
+    with torch.no_grad():
+        for p in port.parameters():
+            p.normal_()
+    official = _official_deformable_layout(port.state_dict())
+    assert "transformer.decoder.layers.0.self_attn.in_proj_weight" in official
+    assert "transformer.level_embed" in official and "query_embed.weight" in official
+    converted = official_deformable_detr_to_port(official)
+    assert set(converted) == set(port.state_dict())
+    for k, v in port.state_dict().items():
+        assert torch.equal(converted[k], v), k
+    path = tmp_path / "official.pth"
+    torch.save({"model": official}, path)
+    yaml_path = tmp_path / "cfg.yaml"
+    yaml_path.write_text(cfg.dump())
+    assert convert_detr_checkpoint.run_cli(convert_detr_checkpoint.main, [
+        "--input", str(path), "--output", str(tmp_path / "port.pth"), "--config-file",
+        str(yaml_path), "--format", "official-deformable-detr"]) == 0

@@ -4,6 +4,9 @@ into the model of ``--config-file``:
 
 * ``--format official-detr`` (default): facebookresearch/detr's (e.g. ``detr-r50-e632da11.pth``:
   ``{"model": state_dict}``, a torchvision ResNet under ``backbone.0.body.``) -> ``Detr``;
+* ``--format official-deformable-detr``: fundamentalvision/Deformable-DETR's (``transformer.*``
+  renamed to transformers' modules, the decoder's ``in_proj`` split into q/k/v) ->
+  ``DeformableDetr``;
 * ``--format hf-deformable-detr``: a transformers ``DeformableDetrForObjectDetection`` state dict
   with a transformers ResNet backbone (``model.backbone.model.``; a ``.pth`` of
   ``model.state_dict()``, or ``{"model": ...}``) -> ``DeformableDetr``.
@@ -28,6 +31,7 @@ import csgr_distill  # noqa: F401  (registers Detr)
 from csgr_distill.cli import CliError, add_debug_argument, run_cli
 from csgr_distill.config import load_config
 from csgr_distill.detr_port.convert import (coco_ids_to_contiguous, hf_deformable_detr_to_port,
+                                            official_deformable_detr_to_port,
                                             official_detr_to_port)
 
 
@@ -39,7 +43,7 @@ def main(argv=None):
     p.add_argument("--config-file", required=True,
                    help="the Detr config the weights are for (checked by a strict load)")
     p.add_argument("--format", default="official-detr",
-                   choices=["official-detr", "hf-deformable-detr"])
+                   choices=["official-detr", "official-deformable-detr", "hf-deformable-detr"])
     p.add_argument("--coco-to-contiguous", action="store_true",
                    help="remap an official COCO class head (92 rows) to detectron2's 80 classes")
     add_debug_argument(p)
@@ -47,18 +51,21 @@ def main(argv=None):
     args = p.parse_args(argv)
     loaded = torch.load(args.input, map_location="cpu", weights_only=False)
     state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
-    marker = "backbone.0.body." if args.format == "official-detr" else "model.backbone.model."
+    marker = "model.backbone.model." if args.format == "hf-deformable-detr" else "backbone.0.body."
     if not isinstance(state, dict) or not any(k.startswith(marker) for k in state):
         raise CliError(f"--input {args.input}: not a {args.format} checkpoint (expected a state "
                        f"dict, or {{'model': state_dict}}, with {marker}* keys)")
-    converted = (official_detr_to_port(state) if args.format == "official-detr"
-                 else hf_deformable_detr_to_port(state))
+    converted = {"official-detr": official_detr_to_port,
+                 "official-deformable-detr": official_deformable_detr_to_port,
+                 "hf-deformable-detr": hf_deformable_detr_to_port}[args.format](state)
     if args.coco_to_contiguous:
         try:
-            key = "class_embed" if args.format == "official-detr" else None
-            if key is None:
-                raise ValueError("only official DETR heads (92 rows) are remapped")
-            converted = coco_ids_to_contiguous(converted, key)
+            if args.format == "official-detr":
+                converted = coco_ids_to_contiguous(converted, "class_embed.")
+            else:
+                for prefix in ("detector.class_embed.", "detector.model.decoder.class_embed."):
+                    if any(k.startswith(prefix) for k in converted):
+                        converted = coco_ids_to_contiguous(converted, prefix, no_object=False)
         except ValueError as e:
             raise CliError(f"--coco-to-contiguous: {e}") from e
     cfg = load_config(args.config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"] + args.opts,

@@ -18,7 +18,8 @@ from typing import Dict, Mapping
 import torch
 
 __all__ = ["torchvision_resnet_to_detectron2", "official_detr_to_port", "coco_ids_to_contiguous",
-           "hf_resnet_to_detectron2", "hf_deformable_detr_to_port"]
+           "hf_resnet_to_detectron2", "hf_deformable_detr_to_port",
+           "official_deformable_detr_to_port"]
 
 
 def torchvision_resnet_to_detectron2(key: str) -> str:
@@ -52,23 +53,27 @@ def official_detr_to_port(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.
     return out
 
 
-def coco_ids_to_contiguous(state: Dict[str, torch.Tensor],
-                           key: str = "class_embed") -> Dict[str, torch.Tensor]:
-    """Official COCO DETR heads score the 91 COCO category ids (plus no-object, 92 rows);
-    detectron2's COCO datasets number the 80 classes 0..79. Keep the rows of those 80 ids in
-    detectron2's order, then the no-object row (``[81, D]``), so the model is evaluated by
-    detectron2's COCO evaluator and distils into 80-class students."""
+def coco_ids_to_contiguous(state: Dict[str, torch.Tensor], key: str = "class_embed",
+                           no_object: bool = True) -> Dict[str, torch.Tensor]:
+    """Official COCO heads score the 91 COCO category ids (DETR: plus no-object, 92 rows;
+    Deformable DETR: 91 sigmoid rows); detectron2's COCO datasets number the 80 classes 0..79.
+    Keep the rows of those 80 ids in detectron2's order (then DETR's no-object row), for every
+    head whose name starts with ``key`` (Deformable DETR has one per decoder layer), so the model
+    is evaluated by detectron2's COCO evaluator and distils into 80-class students."""
     from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
     ids = [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
+    rows = 92 if no_object else 91
     out = dict(state)
-    for suffix in ("weight", "bias"):
-        name = f"{key}.{suffix}"
-        rows = state[name].shape[0]
-        if rows != 92:
-            raise ValueError(f"{name} has {rows} rows; an official COCO head has 92 (91 ids + "
-                             "no-object)")
-        out[name] = torch.cat([state[name][ids], state[name][-1:]])
+    names = [k for k in state if k.startswith(key) and k.endswith((".weight", ".bias"))]
+    if not names:
+        raise ValueError(f"no class head {key}* in the checkpoint")
+    for name in names:
+        if state[name].shape[0] != rows:
+            raise ValueError(f"{name} has {state[name].shape[0]} rows; an official COCO head has "
+                             f"{rows}")
+        keep = [state[name][ids]] + ([state[name][-1:]] if no_object else [])
+        out[name] = torch.cat(keep)
     return out
 
 
@@ -98,5 +103,64 @@ def hf_deformable_detr_to_port(state: Mapping[str, torch.Tensor]) -> Dict[str, t
                 continue
             out["backbone." + hf_resnet_to_detectron2(key[len(prefix):])] = value
         else:
+            out["detector." + key] = value
+    return out
+
+
+#: official Deformable DETR (fundamentalvision/Deformable-DETR) -> transformers names, applied in
+#: order to the part of a key after ``transformer.`` (regex, replacement)
+_DEFORMABLE_RULES = [
+    (r"^level_embed$", "model.level_embed"),
+    (r"^reference_points\.", "model.reference_points."),
+    (r"^(enc_output|enc_output_norm|pos_trans|pos_trans_norm)\.", r"model.\1."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.", r"model.encoder.layers.\1.self_attn."),
+    (r"^encoder\.layers\.(\d+)\.norm1\.", r"model.encoder.layers.\1.self_attn_layer_norm."),
+    (r"^encoder\.layers\.(\d+)\.norm2\.", r"model.encoder.layers.\1.final_layer_norm."),
+    (r"^(encoder|decoder)\.layers\.(\d+)\.linear1\.", r"model.\1.layers.\2.mlp.fc1."),
+    (r"^(encoder|decoder)\.layers\.(\d+)\.linear2\.", r"model.\1.layers.\2.mlp.fc2."),
+    (r"^decoder\.layers\.(\d+)\.cross_attn\.", r"model.decoder.layers.\1.encoder_attn."),
+    (r"^decoder\.layers\.(\d+)\.norm1\.", r"model.decoder.layers.\1.encoder_attn_layer_norm."),
+    (r"^decoder\.layers\.(\d+)\.norm2\.", r"model.decoder.layers.\1.self_attn_layer_norm."),
+    (r"^decoder\.layers\.(\d+)\.norm3\.", r"model.decoder.layers.\1.final_layer_norm."),
+    (r"^decoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"model.decoder.layers.\1.self_attn.o_proj."),
+    (r"^decoder\.(bbox_embed|class_embed)\.", r"model.decoder.\1."),
+]
+
+
+def official_deformable_detr_to_port(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """An official Deformable DETR ``model`` state dict -> this port's :class:`DeformableDetr`:
+    the torchvision ResNet renamed as for DETR, ``transformer.*`` renamed to the library's
+    modules (:data:`_DEFORMABLE_RULES`; the decoder's ``nn.MultiheadAttention`` ``in_proj``
+    split into ``q_proj``, ``k_proj``, ``v_proj``), ``query_embed`` -> the library's
+    ``query_position_embeddings``; ``class_embed``/``bbox_embed``/``input_proj`` keep their
+    names under ``model``/the detector."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("backbone.0.body."):
+            if not key.endswith("num_batches_tracked"):
+                out["backbone." + torchvision_resnet_to_detectron2(
+                    key[len("backbone.0.body."):])] = value
+            continue
+        if key.startswith("transformer."):
+            rest = key[len("transformer."):]
+            m = re.match(r"^decoder\.layers\.(\d+)\.self_attn\.in_proj_(weight|bias)$", rest)
+            if m:
+                q, k, v = value.chunk(3, dim=0)
+                base = f"detector.model.decoder.layers.{m.group(1)}.self_attn."
+                for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                    out[f"{base}{name}.{m.group(2)}"] = part
+                continue
+            for pattern, repl in _DEFORMABLE_RULES:
+                if re.match(pattern, rest):
+                    out["detector." + re.sub(pattern, repl, rest)] = value
+                    break
+            else:
+                raise KeyError(f"official Deformable DETR key without a rule: {key!r}")
+            continue
+        if key.startswith("query_embed."):
+            out["detector.model.query_position_embeddings." + key[len("query_embed."):]] = value
+        elif key.startswith("input_proj."):
+            out["detector.model." + key] = value
+        else:  # class_embed.*, bbox_embed.*
             out["detector." + key] = value
     return out
