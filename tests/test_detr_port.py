@@ -16,15 +16,10 @@ from detectron2.utils.events import EventStorage
 from csgr_distill.config import add_distill_config
 from csgr_distill.detr_port.convert import official_detr_to_port
 from csgr_distill.detr_port.masks import level_mask, padding_mask
-from tiny import REPO, fake_batch
+from tiny import REPO, fake_batch, logged_keys, train_opts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_detr_cfg(depth=18, out=None):
@@ -140,48 +135,43 @@ def test_training_losses_are_the_weighted_set_criterion_at_every_layer(tmp_path)
 
 
 def _tiny_opts(out):
-    from tiny import TINY_TRAIN, TINY_VAL
-    return ["DATASETS.TRAIN", f"('{TINY_TRAIN}',)", "DATASETS.TEST", f"('{TINY_VAL}',)",
-            "INPUT.FIXED_SIZE", "64", "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2",
-            "SOLVER.WARMUP_ITERS", "0", "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
-            "OUTPUT_DIR", str(out)]
+    """2 iterations on the tiny shapes, DETR's augmentation scaled to their 64 px."""
+    return train_opts(out, test=True) + ["INPUT.DETR_CROP_RESIZE", "(48, 56)",
+                                         "INPUT.CROP.SIZE", "(40, 56)"]
 
 
-def test_demo_detr_trains_evaluates_exports_and_reloads(tmp_path, tiny_shapes):
-    """configs/demo/DETR-R18.yaml through tools/train_net.py (DETR's augmentation and AdamW on),
+@pytest.mark.parametrize("config", ["DETR-R18.yaml", "DeformableDETR-R18.yaml"])
+def test_demo_variant_trains_evaluates_exports_and_reloads(tmp_path, tiny_shapes, config):
+    """configs/demo/<variant> through tools/train_net.py (DETR's augmentation and AdamW on),
     --eval-only with detectron2's evaluator, and the exported student predicting the same."""
     import json
     import sys
     sys.path.insert(0, os.path.join(REPO, "tools"))
     import train_net
     from csgr_distill.config import load_config
-    from csgr_distill.export import StudentCheckpointer
+    from csgr_distill.export import StudentCheckpointer, export_student
 
-    config = os.path.join(REPO, "configs/demo/DETR-R18.yaml")
+    config = os.path.join(REPO, "configs/demo", config)
     out = tmp_path / "run"
-    train_net.cli(["--config-file", config, *_tiny_opts(out), "INPUT.DETR_AUGMENTATION", "True",
-                   "INPUT.DETR_CROP_RESIZE", "(48, 56)", "INPUT.CROP.SIZE", "(40, 56)"])
-    with open(out / "metrics.json") as f:
-        keys = set().union(*[json.loads(line) for line in f if line.strip()])
-    assert {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"} <= keys
+    train_net.cli(["--config-file", config, *_tiny_opts(out)])
+    assert {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"} <= logged_keys(out)
     train_net.cli(["--config-file", config, "--eval-only", *_tiny_opts(tmp_path / "eval"),
                    "MODEL.WEIGHTS", str(out / "model_final.pth")])
     with open(tmp_path / "eval" / "eval_results.json") as f:
         assert "AP" in json.load(f)["bbox"]
-    from csgr_distill.export import export_student
-    counts = export_student(str(out / "model_final.pth"), str(tmp_path / "student.pth"),
-                            load_config(config, _tiny_opts(out)))
+    cfg = load_config(config, _tiny_opts(out))
+    counts = export_student(str(out / "model_final.pth"), str(tmp_path / "student.pth"), cfg)
     plain = load_config(counts["config"])
-    assert plain.MODEL.META_ARCHITECTURE == "Detr"
-    model = build_model(load_config(config, _tiny_opts(tmp_path / "x"))).eval()
+    assert plain.MODEL.META_ARCHITECTURE == cfg.MODEL.META_ARCHITECTURE
+    model = build_model(cfg).eval()
     StudentCheckpointer(model).load(str(out / "model_final.pth"))
     reloaded = build_model(plain).eval()
     StudentCheckpointer(reloaded).load(plain.MODEL.WEIGHTS)
     batch = fake_batch(n=1)
     with torch.no_grad():
         a, b = model(batch)[0]["instances"], reloaded(batch)[0]["instances"]
-    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores,
-                                                                                 b.scores)
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    assert torch.equal(a.scores, b.scores)
 
 
 def test_converter_tool_loads_strictly_and_remaps_coco_ids(tmp_path):
@@ -305,25 +295,6 @@ def test_deformable_costs_must_be_integers():
     cfg.MODEL.DETR.CLASS_WEIGHT = 2.5
     with pytest.raises(ValueError, match="MODEL.DETR.CLASS_WEIGHT is 2.5"):
         build_model(cfg)
-
-
-def test_demo_deformable_detr_trains_two_iterations_and_evaluates(tmp_path, tiny_shapes):
-    import json
-    import sys
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import train_net
-
-    config = os.path.join(REPO, "configs/demo/DeformableDETR-R18.yaml")
-    out = tmp_path / "run"
-    train_net.cli(["--config-file", config, *_tiny_opts(out), "INPUT.DETR_CROP_RESIZE",
-                   "(48, 56)", "INPUT.CROP.SIZE", "(40, 56)"])
-    with open(out / "metrics.json") as f:
-        keys = set().union(*[json.loads(line) for line in f if line.strip()])
-    assert {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"} <= keys
-    train_net.cli(["--config-file", config, "--eval-only", *_tiny_opts(tmp_path / "eval"),
-                   "MODEL.WEIGHTS", str(out / "model_final.pth")])
-    with open(tmp_path / "eval" / "eval_results.json") as f:
-        assert "AP" in json.load(f)["bbox"]
 
 
 def test_deformable_forward_equals_the_librarys_model_on_converted_weights():

@@ -13,19 +13,14 @@ from detectron2.utils.events import EventStorage
 
 from csgr_distill.config import load_config
 from csgr_distill.detr_port.detr import detr_targets
-from tiny import REPO, TINY_TRAIN, TINY_VAL, fake_batch, write_model
+from tiny import REPO, fake_batch, logged_keys, train_opts, write_model
 
 VARIANTS = {"DETR": ["res5"], "DeformableDETR": ["res3", "res4", "res5"]}
 SMALL = ["INPUT.FIXED_SIZE", "64", "MODEL.DETR.HIDDEN_DIM", "64",
          "MODEL.DETR.DIM_FEEDFORWARD", "64", "MODEL.DETR.NUM_QUERIES", "10"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +88,9 @@ def test_feature_methods_distil_the_levels_the_transformer_reads(variant, teache
 
 
 def _tiny_opts(out):
-    return ["DATASETS.TRAIN", f"('{TINY_TRAIN}',)", "DATASETS.TEST", f"('{TINY_VAL}',)",
-            "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0",
-            "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0", "INPUT.DETR_CROP_RESIZE",
-            "(48, 56)", "INPUT.CROP.SIZE", "(40, 56)", "OUTPUT_DIR", str(out)]
+    """2 iterations on the tiny shapes, DETR's augmentation scaled to their 64 px."""
+    return train_opts(out, test=True) + ["INPUT.DETR_CROP_RESIZE", "(48, 56)",
+                                         "INPUT.CROP.SIZE", "(40, 56)"]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -111,8 +105,7 @@ def test_csgr_config_trains_evaluates_without_teacher_and_exports(variant, teach
     train_net.cli(["--config-file", config, *SMALL, *_tiny_opts(out),
                    "MODEL.DISTILL.TEACHER.CONFIG", teachers[variant][0],
                    "MODEL.DISTILL.TEACHER.WEIGHTS", teachers[variant][1]])
-    with open(out / "metrics.json") as f:
-        keys = set().union(*[json.loads(line) for line in f if line.strip()])
+    keys = logged_keys(out)
     assert {f"loss_csgr_cs_{lv}" for lv in VARIANTS[variant]} <= keys and "loss_giou" in keys
     train_net.cli(["--config-file", config, "--eval-only", *SMALL, *_tiny_opts(tmp_path / "e"),
                    "MODEL.WEIGHTS", str(out / "model_final.pth"),

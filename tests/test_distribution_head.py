@@ -14,12 +14,7 @@ from csgr_distill.layers.box_distribution import (DistributionBoxTransform,
 from tiny import base_cfg, fake_batch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _one_hot_logits(distances, bins=17, big=50.0):
@@ -78,7 +73,6 @@ def test_distribution_focal_loss_against_its_formula():
 
 def test_giou_fit_through_the_distribution_learns():
     """Gradient descent on one anchor's logits brings its decoded box onto the target."""
-    from detectron2.layers import cat  # noqa: F401
     from fvcore.nn import giou_loss
     t = DistributionBoxTransform(16, [[32]], [8])
     anchor = torch.tensor([[84.0, 44.0, 116.0, 76.0]])

@@ -2,7 +2,6 @@
 not sum), DIoU, the VLR on a toy anchor set with two overlapping GTs, main-LD weighting and main-KD
 normalisation on a hand-made record, the recorded assignment, build-time refusals, and 2-iteration
 runs of the LD configs through tools/train_net.py."""
-import json
 import math
 import os
 import sys
@@ -17,15 +16,10 @@ from torchvision.ops import box_iou, distance_box_iou
 from csgr_distill.config import load_config
 from csgr_distill.distillers.ld import LDDistiller, bin_kl, pairwise_diou, vlr_region
 from csgr_distill.outputs import DetectorOutputs
-from tiny import REPO, TINY_TRAIN, base_cfg, fake_batch, write_model
+from tiny import REPO, base_cfg, fake_batch, logged_keys, train_opts, write_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bin_kl_is_the_mean_over_bins_with_temperature():
@@ -200,12 +194,6 @@ def test_ld_refuses_a_delta_head_and_other_bins(tmp_path, dist_teacher):
         build_model(cfg)
 
 
-def _tiny_opts(out):
-    return ["DATASETS.TRAIN", f"('{TINY_TRAIN}',)", "DATASETS.TEST", "()", "INPUT.FIXED_SIZE",
-            "64", "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0",
-            "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out)]
-
-
 @pytest.mark.parametrize("methods", [["LD"], ["CSGR", "LD"], ["FGD", "LD"]])
 def test_demo_ld_config_and_combinations_train_two_iterations(tmp_path, tiny_shapes, methods):
     sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -214,11 +202,10 @@ def test_demo_ld_config_and_combinations_train_two_iterations(tmp_path, tiny_sha
     teacher_yaml = os.path.join(REPO, "configs/demo/teacher-RetinaNet-Dist-R18-wide.yaml")
     _, weights, _ = write_model(tmp_path, load_config(teacher_yaml, check_steps=False), "t")
     train_net.cli(["--config-file", os.path.join(REPO, "configs/demo/LD-RetinaNet-Dist-R18.yaml"),
-                   *_tiny_opts(tmp_path / "run"), "MODEL.DISTILL.METHODS", str(methods),
+                   *train_opts(tmp_path / "run"), "MODEL.DISTILL.METHODS", str(methods),
                    "MODEL.DISTILL.TEACHER.CONFIG", teacher_yaml,
                    "MODEL.DISTILL.TEACHER.WEIGHTS", weights])
-    with open(tmp_path / "run" / "metrics.json") as f:
-        keys = set().union(*[json.loads(line) for line in f if line.strip()])
+    keys = logged_keys(tmp_path / "run")
     assert {"loss_ld", "loss_ld_vlr", "loss_ld_kd", "loss_dfl"} <= keys
     for m in methods:
         assert any(k.startswith(f"loss_{m.lower()}_") for k in keys), m

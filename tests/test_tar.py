@@ -18,20 +18,14 @@ from csgr_distill.config import add_distill_config, load_config
 from csgr_distill.distillers import DISTILLER_REGISTRY
 from csgr_distill.distillers.tar import (TARDistiller, adaptive_regression_targets,
                                          gaussian_masks, tar_cls_kd)
-from csgr_distill.engine import DistillTrainer
 from csgr_distill.engine.decay import method_schedules
 from csgr_distill.outputs import DetectorOutputs
-from tiny import REPO, fake_batch, rcnn_base_cfg, write_model
+from tiny import REPO, fake_batch, logged_keys, rcnn_base_cfg, train_opts, write_model
 
 T = Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _boxes(*rows):
@@ -378,13 +372,6 @@ def test_feature_only_tar_asks_for_features_only():
     assert "rois" in d.required_outputs["teacher"]
 
 
-def _tiny_opts(out):
-    from tiny import TINY_TRAIN
-    return ["DATASETS.TRAIN", f"('{TINY_TRAIN}',)", "DATASETS.TEST", "()", "INPUT.FIXED_SIZE",
-            "64", "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0",
-            "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out)]
-
-
 def test_demo_tar_config_trains_two_iterations_and_evaluates_without_teacher(tmp_path,
                                                                              tiny_shapes):
     """configs/demo/TAR-FasterRCNN-R18.yaml through tools/train_net.py: every TAR term logged,
@@ -399,18 +386,17 @@ def test_demo_tar_config_trains_two_iterations_and_evaluates_without_teacher(tmp
                                         "teacher")
     config = os.path.join(REPO, "configs/demo/TAR-FasterRCNN-R18.yaml")
     out = tmp_path / "run"
-    train_net.cli(["--config-file", config, *_tiny_opts(out),
+    train_net.cli(["--config-file", config, *train_opts(out),
                    "MODEL.DISTILL.TEACHER.CONFIG", teacher_yaml,
                    "MODEL.DISTILL.TEACHER.WEIGHTS", teacher_weights])
     with open(out / "metrics.json") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    keys = set().union(*rows)
+    keys = logged_keys(out)
     expected = {"loss_tar_cls", "loss_tar_reg"} | {f"loss_tar_feat_p{i}" for i in range(2, 6)}
     assert expected <= keys
     assert [r["distill/factor_TAR"] for r in rows if "distill/factor_TAR" in r][-1] == 0.5
     eval_dir = tmp_path / "eval"
-    train_net.cli(["--config-file", config, "--eval-only", *_tiny_opts(eval_dir),
-                   "DATASETS.TEST", "('shapes_tiny_val',)",
+    train_net.cli(["--config-file", config, "--eval-only", *train_opts(eval_dir, test=True),
                    "MODEL.WEIGHTS", str(out / "model_final.pth"),
                    "MODEL.DISTILL.TEACHER.CONFIG", str(tmp_path / "absent.yaml"),
                    "MODEL.DISTILL.TEACHER.WEIGHTS", str(tmp_path / "absent.pth")])

@@ -146,3 +146,22 @@ def fake_demo_tool(calls, ap):
                 json.dump({"bbox": {"AP": ap[which], "AP50": 10.0, "AP75": None}}, f)
 
     return fake_tool
+
+
+def train_opts(out, test: bool = False, size=64):
+    """``tools/train_net.py`` overrides for a 2-iteration run on the tiny shapes (batch 2, no
+    workers, no warm-up) into ``out``; ``test``: evaluate on the tiny val split (``--eval-only``),
+    else no test set."""
+    return ["DATASETS.TRAIN", f"('{TINY_TRAIN}',)",
+            "DATASETS.TEST", f"('{TINY_VAL}',)" if test else "()",
+            "INPUT.FIXED_SIZE", str(size), "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2",
+            "SOLVER.WARMUP_ITERS", "0", "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
+            "OUTPUT_DIR", str(out)]
+
+
+def logged_keys(out) -> set:
+    """Every key of a run's ``metrics.json``."""
+    import json
+
+    with open(os.path.join(str(out), "metrics.json")) as f:
+        return set().union(*[json.loads(line) for line in f if line.strip()])

@@ -14,12 +14,12 @@ from typing import Dict, List
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import ImageList, Instances
 from torch import Tensor, nn
 
 from .detr import weighted_losses
+from .base import DetrFamily
 from .masks import level_mask, padding_mask
 
 __all__ = ["DeformableDetr", "hf_deformable_config"]
@@ -97,7 +97,7 @@ def official_head_init(detector: nn.Module, prior_prob: float = 0.01) -> None:
 
 
 @META_ARCH_REGISTRY.register()
-class DeformableDetr(nn.Module):
+class DeformableDetr(DetrFamily):
     """Deformable DETR: backbone levels ``MODEL.DETR.IN_FEATURES`` (+ strided-conv levels up to
     ``NUM_FEATURE_LEVELS``) -> deformable encoder-decoder -> sigmoid class scores (focal loss) and
     boxes at every decoder layer. Loss weights: ``CLASS_WEIGHT`` (official 2), ``L1_WEIGHT``,
@@ -118,9 +118,7 @@ class DeformableDetr(nn.Module):
         self.weight_dict = dict(weight_dict)
         self.num_classes = hf_config.num_labels
         self.num_queries_test = int(num_queries_test)
-        self.input_format = input_format
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self._init_pixels(pixel_mean, pixel_std, input_format)
 
     @classmethod
     def from_config(cls, cfg):
@@ -148,15 +146,6 @@ class DeformableDetr(nn.Module):
                 "weight_dict": weights, "num_queries_test": cfg.TEST.DETECTIONS_PER_IMAGE,
                 "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
                 "input_format": cfg.INPUT.FORMAT}
-
-    @property
-    def device(self):
-        return self.pixel_mean.device
-
-    def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
-                  for x in batched_inputs]
-        return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
     def predict(self, images: ImageList, labels=None):
         """The library's output for a preprocessed batch (``logits`` ``[N, Q, K]``,
@@ -233,23 +222,10 @@ class DeformableDetr(nn.Module):
         """Deformable DETR's post-processing: sigmoid scores, the ``TEST.DETECTIONS_PER_IMAGE``
         best (query, class) pairs of each image, their boxes scaled to the input image, then to
         the requested output size."""
-        from detr.util.box_ops import box_cxcywh_to_xyxy
-
         prob = out.logits.sigmoid()
         n, q, k = prob.shape
         topk = min(self.num_queries_test, q * k)
         scores, index = prob.reshape(n, -1).topk(topk, dim=1)
         queries, labels = index // k, index % k
-        results = []
-        for i, (h, w) in enumerate(image_sizes):
-            boxes = box_cxcywh_to_xyxy(out.pred_boxes[i][queries[i]]) * torch.tensor(
-                [w, h, w, h], dtype=torch.float32, device=self.device)
-            inst = Instances((h, w))
-            inst.pred_boxes, inst.scores, inst.pred_classes = Boxes(boxes), scores[i], labels[i]
-            x = batched_inputs[i]
-            results.append({"instances": detector_postprocess(
-                inst, x.get("height", h), x.get("width", w))})
-        return results
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return self.backbone.output_shape()
+        boxes = torch.stack([out.pred_boxes[i][queries[i]] for i in range(n)])
+        return self.to_results(boxes, scores, labels, batched_inputs, image_sizes)

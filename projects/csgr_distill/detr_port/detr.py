@@ -13,9 +13,8 @@ from typing import Dict, List
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, detector_postprocess
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -24,9 +23,10 @@ from detr.models.detr import MLP, SetCriterion
 from detr.models.matcher import HungarianMatcher
 from detr.models.position_encoding import PositionEmbeddingSine
 from detr.models.transformer import Transformer
-from detr.util.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from detr.util.box_ops import box_xyxy_to_cxcywh
 from detr.util.misc import NestedTensor
 
+from .base import DetrFamily
 from .masks import level_mask, padding_mask
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def weighted_losses(loss_dict: Dict[str, Tensor], weight_dict: Dict[str, float]
 
 
 @META_ARCH_REGISTRY.register()
-class Detr(nn.Module):
+class Detr(DetrFamily):
     """DETR: backbone level ``MODEL.DETR.IN_FEATURES[0]`` -> 1x1 projection -> encoder-decoder
     transformer with ``NUM_QUERIES`` learned queries -> class (K + 1, softmax) and box (sigmoid
     cxcywh) heads at every decoder layer; trained with Hungarian matching and the set criterion
@@ -85,9 +85,7 @@ class Detr(nn.Module):
         self.bbox_embed = MLP(hidden, hidden, 4, 3)
         self.num_classes, self.num_queries, self.aux_loss = num_classes, num_queries, aux_loss
         self.criterion = criterion
-        self.input_format = input_format
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self._init_pixels(pixel_mean, pixel_std, input_format)
 
     @classmethod
     def from_config(cls, cfg):
@@ -109,15 +107,6 @@ class Detr(nn.Module):
                 "num_queries": d.NUM_QUERIES, "aux_loss": d.AUX_LOSS,
                 "criterion": build_criterion(cfg), "pixel_mean": cfg.MODEL.PIXEL_MEAN,
                 "pixel_std": cfg.MODEL.PIXEL_STD, "input_format": cfg.INPUT.FORMAT}
-
-    @property
-    def device(self):
-        return self.pixel_mean.device
-
-    def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
-                  for x in batched_inputs]
-        return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
     def predict(self, images: ImageList) -> Dict[str, object]:
         """DETR's outputs for a preprocessed batch: ``pred_logits`` ``[N, Q, K+1]``,
@@ -177,20 +166,8 @@ class Detr(nn.Module):
         requested output size."""
         prob = F.softmax(out["pred_logits"], dim=-1)[..., :-1]
         scores, labels = prob.max(dim=-1)
-        results = []
-        for i, (h, w) in enumerate(image_sizes):
-            inst = Instances((h, w))
-            box = box_cxcywh_to_xyxy(out["pred_boxes"][i]) * torch.tensor(
-                [w, h, w, h], dtype=torch.float32, device=self.device)
-            inst.pred_boxes = Boxes(box)
-            inst.scores, inst.pred_classes = scores[i], labels[i]
-            x = batched_inputs[i]
-            results.append({"instances": detector_postprocess(
-                inst, x.get("height", h), x.get("width", w))})
-        return results
+        return self.to_results(out["pred_boxes"], scores, labels, batched_inputs, image_sizes)
 
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return self.backbone.output_shape()
 
 
 def build_criterion(cfg) -> SetCriterion:

@@ -14,7 +14,7 @@ same: same anchor generator, same grid):
 * ``loss_ld_kd``: main KD on the class logits of the positives, ``tau^2 mean_k p_t,k (log p_t,k -
   log q_s,k)`` with a softmax over the K classes, divided by the number of positives.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable

@@ -17,7 +17,7 @@ each network's own FPN maps: the student's sampled RoIs (default), the teacher's
 by its ROI heads against the same ground truth) or their union. TAR's default schedule is the
 linear distillation decay ``1 - iter / max_iter`` (``MODEL.DISTILL.TAR.DECAY``).
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable

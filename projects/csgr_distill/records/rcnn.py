@@ -1,5 +1,5 @@
 """Two-stage detectors (detectron2's ``GeneralizedRCNN``: Faster / Mask R-CNN)."""
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from detectron2.modeling import GeneralizedRCNN
