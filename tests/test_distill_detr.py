@@ -124,3 +124,39 @@ def test_csgr_config_trains_evaluates_without_teacher_and_exports(variant, teach
     with torch.no_grad():
         a, b = trained(batch)[0]["instances"], reloaded(batch)[0]["instances"]
     assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_extra_decoder_pass_reproduces_the_forward_and_takes_other_queries(variant, teachers):
+    """The documented call a distiller uses for an extra student decoder pass (record field
+    ``decoder``): with the student's own queries it gives the forward's every-layer outputs; with
+    the teacher's queries it runs, differentiably, without running the encoder again."""
+    model = build_model(_student(variant, teachers[variant])).eval()
+    batch = fake_batch()
+    with torch.no_grad():
+        images = model.preprocess_image(batch)
+        student = model.recorder.record(model, images, batch,
+                                        ("pred_logits", "pred_boxes", "object_queries",
+                                         "decoder"))
+        again = student.decoder(student.object_queries)
+    assert torch.allclose(again["pred_logits"], student.pred_logits, atol=1e-5)
+    assert torch.allclose(again["pred_boxes"], student.pred_boxes, atol=1e-5)
+    model.train()
+    with EventStorage(0):
+        images = model.preprocess_image(batch)
+        rec = model.recorder.record(model, images, batch, ("decoder",))
+        teacher_queries = model.teacher.model.decoder_outputs(
+            model.teacher.model.predict(model.teacher_images(batch)))["object_queries"].detach()
+        encoder = (model.transformer.encoder if variant == "DETR"
+                   else model.detector.model.encoder)
+        calls = []
+        handles = [encoder.register_forward_hook(lambda *a: calls.append("encoder")),
+                   model.backbone.register_forward_hook(lambda *a: calls.append("backbone"))]
+        out = rec.decoder(teacher_queries[:7])
+        for h in handles:
+            h.remove()
+    assert calls == []  # neither the backbone nor the encoder runs again
+    assert out["pred_logits"].shape[:3] == (2, 2, 7)
+    out["pred_logits"].sum().backward()
+    head = model.class_embed if variant == "DETR" else model.detector.class_embed[0]
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0

@@ -161,7 +161,35 @@ class DeformableDetr(DetrFamily):
             encoder.precomputed = None
         out["features"] = {f: features[f] for f in self.in_features}
         out["padded_size"] = tuple(images.tensor.shape[-2:])
+        out["inputs"] = (images.tensor, pixel_mask, features)  # for decode()
         return out
+
+    def decode(self, out, queries: Tensor) -> Dict[str, Tensor]:
+        """An extra decoder pass over the encoder output of :meth:`predict`'s ``out`` with other
+        object queries ``[Q', 2D]`` (query position + target, as the library's
+        ``query_position_embeddings``; e.g. a teacher's, for DETRDistill's query-prior
+        assignment): the library's forward with those queries in place of its own
+        (``torch.func.functional_call``) and the recorded encoder output, so neither the backbone
+        nor the encoder runs again. Returns ``pred_logits``, ``pred_boxes``, ``query_embeds`` as
+        :meth:`decoder_outputs`; differentiable in training. With this model's own queries it
+        reproduces :meth:`predict`."""
+        from torch.func import functional_call
+        from transformers.modeling_outputs import BaseModelOutput
+
+        pixels, pixel_mask, features = out["inputs"]
+        encoder = self.detector.model.backbone
+        encoder.precomputed = features
+        try:
+            again = functional_call(
+                self.detector, {"model.query_position_embeddings.weight": queries}, (),
+                {"pixel_values": pixels, "pixel_mask": pixel_mask,
+                 "encoder_outputs": BaseModelOutput(
+                     last_hidden_state=out.encoder_last_hidden_state)})
+        finally:
+            encoder.precomputed = None
+        again["features"] = out["features"]
+        view = self.decoder_outputs(again)
+        return {k: view[k] for k in ("pred_logits", "pred_boxes", "query_embeds")}
 
     def decoder_outputs(self, out) -> Dict[str, object]:
         """The family-wide view of :meth:`predict`'s output (see :meth:`Detr.decoder_outputs`):

@@ -121,7 +121,7 @@ class Detr(DetrFamily):
         hs, memory = self.transformer(src, mask, self.query_embed.weight, pos)
         logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "hs": hs, "memory": memory,
-               "src": src, "mask": mask, "all_logits": logits, "all_boxes": boxes,
+               "src": src, "mask": mask, "pos": pos, "all_logits": logits, "all_boxes": boxes,
                "features": {self.in_feature: feature},
                "padded_size": tuple(images.tensor.shape[-2:])}
         if self.aux_loss:
@@ -140,6 +140,22 @@ class Detr(DetrFamily):
                 "pred_boxes": out["all_boxes"], "query_embeds": out["hs"],
                 "object_queries": self.query_embed.weight, "memory": out["memory"],
                 "softmax": True}
+
+    def decode(self, out, queries: Tensor) -> Dict[str, Tensor]:
+        """An extra decoder pass over the encoder memory of :meth:`predict`'s ``out`` with other
+        object queries ``[Q', D]`` (e.g. a teacher's: DETRDistill's query-prior assignment);
+        the encoder does not run again. Returns ``pred_logits`` ``[L, N, Q', K+1]``,
+        ``pred_boxes`` ``[L, N, Q', 4]``, ``query_embeds`` ``[L, N, Q', D]``; differentiable
+        in training. With this model's own queries it reproduces :meth:`predict`."""
+        n = out["src"].shape[0]
+        memory = out["memory"].flatten(2).permute(2, 0, 1)  # [HW, N, D]
+        pos = out["pos"].flatten(2).permute(2, 0, 1)
+        query_pos = queries.unsqueeze(1).repeat(1, n, 1)  # [Q', N, D]
+        hs = self.transformer.decoder(torch.zeros_like(query_pos), memory,
+                                      memory_key_padding_mask=out["mask"].flatten(1), pos=pos,
+                                      query_pos=query_pos).transpose(1, 2)  # [L, N, Q', D]
+        return {"pred_logits": self.class_embed(hs), "pred_boxes": self.bbox_embed(hs).sigmoid(),
+                "query_embeds": hs}
 
     def match(self, logits: Tensor, boxes: Tensor, targets) -> list:
         """The Hungarian assignment of one layer's predictions (``[N, Q, .]``) to the targets

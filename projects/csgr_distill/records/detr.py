@@ -36,6 +36,9 @@ class DetrRecorder(Recorder):
         softmax="bool: True when pred_logits are softmax logits over K + 1 classes",
         matches="list over decoder layers of the matcher's assignment to the ground truth: per "
                 "image (pred_idx, gt_idx)",
+        decoder="callable queries [Q', D'] -> {pred_logits, pred_boxes, query_embeds} of an extra "
+                "decoder pass over this batch's encoder output (the detector's `decode`; "
+                "differentiable for the student)",
     )
 
     def hook_modules(self, model, fields) -> Dict[str, nn.Module]:
@@ -62,6 +65,8 @@ class DetrRecorder(Recorder):
         for name in _DECODER_FIELDS:
             if name in fields:
                 out[name] = view[name]
+        if "decoder" in fields:
+            out["decoder"] = lambda queries, raw=raw: model.decode(raw, queries)
         if "matches" in fields:
             device = view["pred_boxes"].device
             targets = detr_targets([x["instances"].to(device) for x in batched_inputs],
