@@ -160,3 +160,19 @@ def test_extra_decoder_pass_reproduces_the_forward_and_takes_other_queries(varia
     out["pred_logits"].sum().backward()
     head = model.class_embed if variant == "DETR" else model.detector.class_embed[0]
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+def test_visualize_draws_a_detr_student_and_its_csgr_attention_on_res5(teachers, tmp_path,
+                                                                      tiny_shapes):
+    import cv2
+    from tiny import TINY_VAL
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import visualize
+
+    cfg = _student("DETR", teachers["DETR"], extra=["DATASETS.TEST", f"('{TINY_VAL}',)"])
+    yaml_path, weights, _ = write_model(tmp_path, cfg, "detr_csgr")
+    written = visualize.main(["--config-file", yaml_path, "--weights", weights, "--output",
+                              str(tmp_path / "vis"), "--num-images", "1"])
+    names = sorted(os.path.basename(p).split("_", 3)[-1] for p in written)
+    assert names == ["csgr_category_attention.png", "csgr_criss_cross.png", "detections.png"]
+    assert all(cv2.imread(p) is not None for p in written)

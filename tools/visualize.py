@@ -85,8 +85,10 @@ def parse_args(argv=None):
                    help="... among those scoring at least this")
     p.add_argument("--no-teacher", action="store_true",
                    help="draw ground truth | student only; nothing of the teacher is read")
-    p.add_argument("--level", default="p3",
-                   help="FPN level of the method pictures (attention, FGD's masks)")
+    p.add_argument("--level", default=None,
+                   help="level of the method pictures (attention, FGD's and TAR's masks); "
+                        "default p3, or the first level the methods distil when the student "
+                        "has no p3 (e.g. res5 of a DETR)")
     p.add_argument("--pixel", type=int, nargs=2, metavar=("I", "J"), default=None,
                    help="grid cell (row, col) on --level for the criss-cross attention "
                         "(default: the centre of the largest ground-truth box)")
@@ -264,7 +266,7 @@ def main(argv=None):
     aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     rule = rule_text(args.top_k, args.score_floor)
     student_name = "student" if cfg.MODEL.DISTILL.ENABLED else "student (no distillation)"
-    level = args.level
+    level = args.level or picture_level(student, distillers)
     written = []
     for d, stem in zip(dicts, image_stems(dicts)):
         image = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
@@ -344,6 +346,19 @@ def method_pictures(args, student, distillers, d, inputs, rgb, scale, metadata, 
     for name, distiller in distillers.items():
         written += PICTURES[name](pic, distiller)
     return written
+
+
+def picture_level(student, distillers) -> str:
+    """``--level``'s default: p3 when the student has it, else the first level a drawn method
+    distils (a DETR's res5), else the student's first level."""
+    levels = list(student.backbone.output_shape())
+    if "p3" in levels:
+        return "p3"
+    for d in distillers.values():
+        for level in getattr(d, "in_features", ()):
+            if level in levels:
+                return level
+    return levels[0]
 
 
 def gt_boxes_in_input(d, image_size, orig_hw) -> torch.Tensor:
