@@ -202,6 +202,32 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.LD.KD_TEMPERATURE = 2.0
     # LD's own schedule; "default" follows MODEL.DISTILL.DECAY (the paper does not decay).
     _C.MODEL.DISTILL.LD.DECAY = decay_node("default")
+
+    # DETRDistill (Chang et al., ICCV 2023; shared/methods/DETRDistill.md;
+    # csgr_distill/distillers/detrdistill.py) between DETR-family teacher and student. Each
+    # component's weight 0 turns it off (the paper's ablation).
+    _C.MODEL.DISTILL.DETRDISTILL = CN()
+    # Hungarian logits distillation per decoder layer: matching costs = pair-loss weights
+    # (published: class 1, L1 5, GIoU 2); the component's overall weight (published 1).
+    _C.MODEL.DISTILL.DETRDISTILL.LOGITS_WEIGHT = 1.0
+    _C.MODEL.DISTILL.DETRDISTILL.COST_CLASS = 1.0
+    _C.MODEL.DISTILL.DETRDISTILL.COST_L1 = 5.0
+    _C.MODEL.DISTILL.DETRDISTILL.COST_GIOU = 2.0
+    # Temperature of the KL for softmax DETRs (not published: 1, the plain KL).
+    _C.MODEL.DISTILL.DETRDISTILL.TEMPERATURE = 1.0
+    # Target-aware feature distillation per decoder layer (published: weight 1, top-K 100, mask
+    # floor 0.01).
+    _C.MODEL.DISTILL.DETRDISTILL.FEATURE_WEIGHT = 1.0
+    _C.MODEL.DISTILL.DETRDISTILL.TOPK = 100
+    _C.MODEL.DISTILL.DETRDISTILL.MASK_FLOOR = 0.01
+    # Query-prior assignment distillation: the student's own set losses on its extra decoder pass
+    # with the teacher's queries, under the teacher's assignment (published weight 1).
+    _C.MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_WEIGHT = 1.0
+    # Contrastive query term of the authors' code (InfoNCE, temperature 0.07, weight 0.2 when
+    # on); off by default, as in the paper.
+    _C.MODEL.DISTILL.DETRDISTILL.CONTRAST_WEIGHT = 0.0
+    _C.MODEL.DISTILL.DETRDISTILL.CONTRAST_TEMPERATURE = 0.07
+    _C.MODEL.DISTILL.DETRDISTILL.DECAY = decay_node("default")
     return cfg
 
 

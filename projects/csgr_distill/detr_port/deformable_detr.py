@@ -155,10 +155,16 @@ class DeformableDetr(DetrFamily):
         encoder = self.detector.model.backbone
         features = self.backbone(images.tensor)
         encoder.precomputed = features  # the library's call reads them instead of recomputing
+        sources = []  # the projected levels the encoder reads (input_proj outputs, in order)
+        hooks = [m.register_forward_hook(lambda _m, _i, o: sources.append(o))
+                 for m in self.detector.model.input_proj]
         try:
             out = self.detector(pixel_values=images.tensor, pixel_mask=pixel_mask, labels=labels)
         finally:
             encoder.precomputed = None
+            for h in hooks:
+                h.remove()
+        out["encoder_inputs"] = {f"enc{i}": x for i, x in enumerate(sources)}
         out["features"] = {f: features[f] for f in self.in_features}
         out["padded_size"] = tuple(images.tensor.shape[-2:])
         out["inputs"] = (images.tensor, pixel_mask, features)  # for decode()
@@ -214,7 +220,26 @@ class DeformableDetr(DetrFamily):
         return {"features": out["features"], "pred_logits": torch.stack(logits),
                 "pred_boxes": torch.stack(boxes), "query_embeds": hs.transpose(0, 1),
                 "object_queries": self.detector.model.query_position_embeddings.weight,
-                "memory": out.encoder_last_hidden_state, "softmax": False}
+                "memory": out.encoder_last_hidden_state,
+                "encoder_inputs": out.get("encoder_inputs"), "softmax": False}
+
+    def set_losses(self, logits: Tensor, boxes: Tensor, targets, indices,
+                   suffix: str = "") -> Dict[str, Tensor]:
+        """Deformable DETR's weighted set losses (focal class, L1, GIoU) of one layer's
+        predictions under a *given* assignment (see :meth:`Detr.set_losses`), by the library's
+        criterion."""
+        from transformers.loss.loss_deformable_detr import DeformableDetrImageLoss
+
+        criterion = DeformableDetrImageLoss(matcher=None, num_classes=self.num_classes,
+                                            focal_alpha=self.detector.config.focal_alpha,
+                                            losses=["labels", "boxes"])
+        labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+        outputs = {"logits": logits, "pred_boxes": boxes}
+        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        losses = dict(criterion.get_loss("labels", outputs, labels, indices, num_boxes))
+        losses.update(criterion.get_loss("boxes", outputs, labels, indices, num_boxes))
+        return {k + suffix: v * self.weight_dict[k] for k, v in losses.items()
+                if k in self.weight_dict}
 
     def match(self, logits: Tensor, boxes: Tensor, targets) -> list:
         """The Hungarian assignment of one layer's predictions (``[N, Q, .]``) to the targets

@@ -139,7 +139,20 @@ class Detr(DetrFamily):
         return {"features": out["features"], "pred_logits": out["all_logits"],
                 "pred_boxes": out["all_boxes"], "query_embeds": out["hs"],
                 "object_queries": self.query_embed.weight, "memory": out["memory"],
-                "softmax": True}
+                "encoder_inputs": {"enc0": out["src"]}, "softmax": True}
+
+    def set_losses(self, logits: Tensor, boxes: Tensor, targets, indices,
+                   suffix: str = "") -> Dict[str, Tensor]:
+        """DETR's weighted set losses (class, L1, GIoU) of one layer's predictions ``[N, Q, .]``
+        under a *given* assignment ``indices`` (per image ``(pred_idx, gt_idx)``), e.g. a
+        teacher's for DETRDistill's query-prior pass; keys ``loss_ce<suffix>``, ...."""
+        outputs = {"pred_logits": logits, "pred_boxes": boxes}
+        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        losses = dict(self.criterion.get_loss("labels", outputs, targets, indices, num_boxes,
+                                              log=False))
+        losses.update(self.criterion.get_loss("boxes", outputs, targets, indices, num_boxes))
+        weights = self.criterion.weight_dict
+        return {k + suffix: v * weights[k] for k, v in losses.items() if k in weights}
 
     def decode(self, out, queries: Tensor) -> Dict[str, Tensor]:
         """An extra decoder pass over the encoder memory of :meth:`predict`'s ``out`` with other

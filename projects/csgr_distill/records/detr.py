@@ -11,7 +11,7 @@ from .base import COMMON_FIELDS, Recorder, register_recorder
 __all__ = ["DetrRecorder"]
 
 _DECODER_FIELDS = ("pred_logits", "pred_boxes", "query_embeds", "object_queries", "memory",
-                   "softmax")
+                   "softmax", "encoder_inputs")
 
 
 @register_recorder
@@ -34,6 +34,10 @@ class DetrRecorder(Recorder):
         memory="the encoder's output (DETR: [S, N, D] or its detr layout; Deformable DETR: "
                "[N, S, D])",
         softmax="bool: True when pred_logits are softmax logits over K + 1 classes",
+        encoder_inputs="dict enc0, enc1, ... -> [N, D, H_l, W_l]: the projected levels the "
+                       "encoder reads (input_proj outputs; Deformable DETR's extra levels too)",
+        set_losses="callable (logits, boxes, targets, indices, suffix) -> the detector's weighted "
+                   "set losses under a given assignment (differentiable for the student)",
         matches="list over decoder layers of the matcher's assignment to the ground truth: per "
                 "image (pred_idx, gt_idx)",
         decoder="callable queries [Q', D'] -> {pred_logits, pred_boxes, query_embeds} of an extra "
@@ -65,6 +69,8 @@ class DetrRecorder(Recorder):
         for name in _DECODER_FIELDS:
             if name in fields:
                 out[name] = view[name]
+        if "set_losses" in fields:
+            out["set_losses"] = model.set_losses
         if "decoder" in fields:
             out["decoder"] = lambda queries, raw=raw: model.decode(raw, queries)
         if "matches" in fields:
