@@ -228,3 +228,19 @@ def test_paper_configs_have_the_published_setting(path):
     assert (c.LOGITS_WEIGHT, c.FEATURE_WEIGHT, c.QUERY_PRIOR_WEIGHT, c.CONTRAST_WEIGHT) == (
         1, 1, 1, 0)
     assert cfg.DATASETS.TRAIN == ("coco_2017_train",)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_visualize_draws_the_mask_and_the_matches(variant, teachers, tmp_path, tiny_shapes):
+    import cv2
+    from tiny import TINY_VAL
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import visualize
+
+    cfg = _student_cfg(variant, teachers[variant], ["DATASETS.TEST", f"('{TINY_VAL}',)"])
+    yaml_path, weights, _ = write_model(tmp_path, cfg, "dd")
+    written = visualize.main(["--config-file", yaml_path, "--weights", weights, "--output",
+                              str(tmp_path / "vis"), "--num-images", "1"])
+    assert sorted(p.rsplit("_", 1)[-1] for p in written) == ["detections.png", "detrdistill.png"]
+    picture = cv2.imread([p for p in written if p.endswith("_detrdistill.png")][0])
+    assert picture is not None and picture.shape[1] > 1.5 * picture.shape[0]

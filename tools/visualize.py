@@ -18,7 +18,9 @@ each image ``<stem>`` (its file name without extension), writes PNGs:
   which ones the adaptive regression rule gives the teacher's box as a target);
 * distillation configs with LD: ``<stem>_ld_regions.png`` (the anchors of its main region and
   of its valuable localization region with their weights, and the teacher's and the student's
-  distributions over the four sides of the student's best-scored positive anchor).
+  distributions over the four sides of the student's best-scored positive anchor);
+* distillation configs with DETRDistill: ``<stem>_detrdistill.png`` (the target-aware mask of
+  the last decoder layer and its teacher <-> student matches).
 
     tools/visualize.py --config-file configs/demo/CSGR-RetinaNet-R18.yaml \\
         --weights output/demo/student_csgr/model_final.pth --dataset shapes_val --output vis/
@@ -44,6 +46,7 @@ from typing import Dict, List, Sequence, Tuple
 import cv2
 import numpy as np
 import torch
+from torch.nn import functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
@@ -456,8 +459,47 @@ def ld_pictures(pic: PictureInputs, ld) -> List[str]:
         pic.rgb, details, pic.gt_instances[0].gt_boxes.tensor, scale))]
 
 
+def detrdistill_pictures(pic: PictureInputs, dd) -> List[str]:
+    """DETRDistill on the last decoder layer (``<stem>_detrdistill.png``): the target-aware mask
+    on the first encoder input level, and the student <-> teacher matches of the layer's
+    predictions (the pairs whose teacher score is highest; magenta teacher, orange student, a
+    line between their centres)."""
+    from csgr_distill.distillers.detrdistill import match_predictions, target_aware_mask
+
+    s, t = pic.student, pic.teacher
+    h, w = pic.image_size
+    with torch.no_grad():
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        gt = pic.gt_instances[0].gt_boxes.tensor / scale  # normalised xyxy, as the predictions
+        t_lg, t_bx = t.pred_logits[-1][0], t.pred_boxes[-1][0]
+        queries, quality = dd.quality(t_lg, t_bx, gt, t.softmax)
+        name = next(iter(t.encoder_inputs))
+        feat = t.encoder_inputs[name][0]
+        mask = target_aware_mask(t.query_embeds[-1][0][queries], quality, feat, dd.mask_floor)
+        (si, ti), = match_predictions(s.pred_logits[-1][:1], s.pred_boxes[-1][:1], t_lg[None],
+                                      t_bx[None], s.softmax, dd.costs)
+    stride = pic.student.padded_size[0] / feat.shape[-2]
+    heat = heatmap_on_image(pic.rgb, level_map_to_image(mask, int(round(stride)), pic.image_size,
+                                                        pic.rgb.shape[:2], smooth=False))
+    prob = F.softmax(t_lg, -1)[:, :-1] if t.softmax else torch.sigmoid(t_lg)
+    order = torch.argsort(prob.max(-1).values[ti], descending=True)[:5]
+    out_h, out_w = pic.rgb.shape[:2]
+    v = Visualizer(pic.rgb.copy())
+    for k in order.tolist():
+        for box, colour in ((t_bx[ti[k]], "magenta"), (s.pred_boxes[-1][0][si[k]], "orange")):
+            cx, cy, bw, bh = box.tolist()
+            v.draw_box([(cx - bw / 2) * out_w, (cy - bh / 2) * out_h, (cx + bw / 2) * out_w,
+                        (cy + bh / 2) * out_h], edge_color=colour)
+        (tx, ty), (sx, sy) = t_bx[ti[k]][:2].tolist(), s.pred_boxes[-1][0][si[k]][:2].tolist()
+        v.draw_line([tx * out_w, sx * out_w], [ty * out_h, sy * out_h], color="w")
+    tiles = [labelled(heat, f"target-aware mask ({name})"),
+             labelled(v.output.get_image(), "matches: teacher / student")]
+    return [_save(pic.stem_path + "_detrdistill.png", grid(tiles, cols=2))]
+
+
 #: methods with pictures of their own: registered name -> fn(PictureInputs, distiller) -> paths
-PICTURES = {"CSGR": csgr_pictures, "FGD": fgd_pictures, "TAR": tar_pictures, "LD": ld_pictures}
+PICTURES = {"CSGR": csgr_pictures, "FGD": fgd_pictures, "TAR": tar_pictures, "LD": ld_pictures,
+            "DETRDistill": detrdistill_pictures}
 
 
 def default_pixel(d, stride, image_size, orig_hw):
