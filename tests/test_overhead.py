@@ -78,3 +78,16 @@ def test_ld_is_timed_on_the_distribution_head_detector(tmp_path):
     assert list(rows) == [overhead.STUDENT, overhead.FLOOR, "LD"]
     assert all(r["losses_finite"] for r in rows.values())
     assert {"loss_ld", "loss_ld_vlr", "loss_ld_kd", "loss_dfl"} <= set(rows["LD"]["losses"])
+
+
+@pytest.mark.parametrize("detector", ["DETR", "Deformable DETR"])
+def test_detr_family_students_are_timed_with_csgr_and_detrdistill(tmp_path, detector):
+    overhead.run(str(tmp_path), height=64, width=64, batch=2, repeats=1, warmup=0,
+                 detectors=(detector,), command="test", measure_memory=False)
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "overhead.json").read_text())
+            [f"cpu {detector}"]["rows"]}
+    assert list(rows) == [overhead.STUDENT, overhead.FLOOR, "CSGR", "CSGR recurrence 2",
+                          "DETRDistill"]  # CSGR teacher_head needs dense logits: skipped
+    assert all(r["losses_finite"] for r in rows.values())
+    assert any(k.startswith("loss_csgr_cs_res5") for k in rows["CSGR"]["losses"])
+    assert any(k.startswith("loss_detrdistill_qp_") for k in rows["DETRDistill"]["losses"])

@@ -71,7 +71,7 @@ def parse_args(argv=None):
     o.add_argument("--batch", type=int, default=2)
     o.add_argument("--repeats", type=int, default=None,
                    help="timed repeats (default: overhead 8, kernels 5)")
-    o.add_argument("--detectors", nargs="*", default=list(overhead.DETECTORS),
+    o.add_argument("--detectors", nargs="*", default=list(overhead.DEFAULT_DETECTORS),
                    choices=list(overhead.DETECTORS))
     add_debug_argument(p)
     args = p.parse_args(argv)

@@ -38,9 +38,16 @@ DETECTORS = {
                      "configs/teachers/FasterRCNN-R101-SODA10M.yaml"),
     "RetinaNet, distribution head": ("configs/LD-RetinaNet-R50.yaml",
                                      "configs/teachers/RetinaNet-Dist-R101-SODA10M.yaml"),
+    "DETR": ("configs/CSGR-DETR-R50.yaml", "configs/detr/DETR-R101.yaml"),
+    "Deformable DETR": ("configs/CSGR-DeformableDETR-R50.yaml",
+                        "configs/detr/DeformableDETR-R101.yaml"),
 }
 #: detector -> the only methods timed on it (others: every registered method)
-DETECTOR_METHODS = {"RetinaNet, distribution head": ("LD",)}
+DETECTOR_METHODS = {"RetinaNet, distribution head": ("LD",),
+                    "DETR": ("CSGR", "DETRDistill"),
+                    "Deformable DETR": ("CSGR", "DETRDistill")}
+#: detectors timed by default (the DETR family on request: --detectors DETR "Deformable DETR")
+DEFAULT_DETECTORS = ("RetinaNet", "Faster R-CNN", "RetinaNet, distribution head")
 STUDENT, FLOOR = "student alone", "student + teacher forward (floor)"
 
 
@@ -171,7 +178,7 @@ def _probe_in_subprocess(detector, label, device, batch, height, width) -> float
 
 
 def run(out_dir: str, device: str = "cpu", height: int = 512, width: int = 640, batch: int = 2,
-        repeats: int = 8, warmup: int = 2, detectors=tuple(DETECTORS), command: str = "",
+        repeats: int = 8, warmup: int = 2, detectors=DEFAULT_DETECTORS, command: str = "",
         measure_memory: bool = True) -> dict:
     sections = {}
     info = machine_info(device)
