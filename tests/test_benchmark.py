@@ -36,13 +36,20 @@ def test_gain_plan_contains_baseline_every_distiller_and_options():
     plan = gain.method_runs()
     assert gain.BASELINE in plan and plan[gain.BASELINE] == ["MODEL.DISTILL.ENABLED", False]
     for name in registered_distillers():
-        if name == "LD":  # needs the distribution box branch: the retinanet-dist pair only
-            assert "LD" not in plan and "CSGR+LD" not in plan
+        if name in ("LD", "DETRDistill"):  # their own pairs (retinanet-dist, detr)
+            assert name not in plan and "CSGR+LD" not in plan
             continue
         assert plan[name] == ["MODEL.DISTILL.METHODS", [name]]
     dist = gain.method_runs(detector="retinanet-dist")
     assert {"LD", "CSGR+LD", "FGD+LD"} <= set(dist)
     gain.check_overrides(dist, gain.student_cfg((), gain.DETECTORS["retinanet-dist"][1]))
+    for detector in ("detr", "deformable-detr"):
+        detr_plan = gain.method_runs(detector=detector)
+        assert {"DETRDistill", "DETRDistill logits only", "DETRDistill features only",
+                "DETRDistill query prior only", "DETRDistill+CSGR", "CSGR",
+                "PKD"} <= set(detr_plan)
+        assert not {"LD", "KD", "TAR", "CSGR+LD", "CSGR teacher_head"} & set(detr_plan)
+        gain.check_overrides(detr_plan, gain.student_cfg((), gain.DETECTORS[detector][1]))
     assert "CSGR teacher_head" in plan and "CSGR recurrence 2" in plan
     with pytest.raises(SystemExit, match="unknown"):
         gain.method_runs(["NoSuchMethod"])

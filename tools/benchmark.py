@@ -56,7 +56,9 @@ def parse_args(argv=None):
     g.add_argument("--detector", default="retinanet", choices=list(gain.DETECTORS),
                    help="the demo detector pair: RetinaNet (default), Faster R-CNN (rcnn: adds "
                         "TAR's ablation and CSGR+TAR heads) or RetinaNet with the distribution "
-                        "box branch (retinanet-dist: the pair LD needs, with CSGR+LD, FGD+LD)")
+                        "box branch (retinanet-dist: the pair LD needs, with CSGR+LD, FGD+LD), "
+                        "DETR or Deformable DETR (detr, deformable-detr: with DETRDistill's "
+                        "ablation and DETRDistill+CSGR)")
     g.add_argument("--no-teacher-check", action="store_true",
                    help="skip the teacher check (after the first baseline run: a loud warning "
                         "when the teacher does not beat the baseline student)")

@@ -50,9 +50,22 @@ DETECTORS = {
                        "configs/demo/LD-RetinaNet-Dist-R18.yaml",
                        "teacher RetinaNet R18-FPN wide, students RetinaNet R18-FPN, both with "
                        "the distribution box branch (DistributionRetinaNet)"),
+    "detr": ("configs/demo/teacher-DETR-R18-wide.yaml", "configs/demo/DETRDistill-DETR-R18.yaml",
+             "teacher DETR R18 (3 encoder layers, FFN 512, 3.3x the iterations), students DETR "
+             "R18 (d_model 128, 2 + 2 layers)"),
+    "deformable-detr": ("configs/demo/teacher-DeformableDETR-R18-wide.yaml",
+                        "configs/demo/DETRDistill-DeformableDETR-R18.yaml",
+                        "teacher Deformable DETR R18 (3 encoder layers, FFN 512, 3.3x the "
+                        "iterations), students Deformable DETR R18 (d_model 128, 2 + 2 layers)"),
 }
-#: methods a detector's students cannot run (LD needs the distribution box branch)
-DETECTOR_EXCLUDES: Dict[str, Tuple[str, ...]] = {"retinanet": ("LD",), "rcnn": ("LD",)}
+#: methods (or run labels) a detector's students cannot run: LD needs the distribution box
+#: branch, DETRDistill DETR-family pairs; a DETR has no dense logits (KD, CSGR teacher_head) and
+#: no RoIs (TAR's head terms)
+_CNN_EXCLUDES = ("LD", "DETRDistill")
+DETECTOR_EXCLUDES: Dict[str, Tuple[str, ...]] = {
+    "retinanet": _CNN_EXCLUDES, "rcnn": _CNN_EXCLUDES, "retinanet-dist": ("DETRDistill",),
+    "detr": ("LD", "KD", "TAR", "CSGR teacher_head"),
+    "deformable-detr": ("LD", "KD", "TAR", "CSGR teacher_head")}
 #: runs only a detector's students have: TAR's ablation (as the paper's: features, + class
 #: head, + regression head, each without decay; "TAR" itself adds the decay) and CSGR with TAR's
 #: head terms
@@ -70,6 +83,20 @@ DETECTOR_RUNS: Dict[str, Dict[str, List]] = {
                            "MODEL.DISTILL.TAR.FEAT_WEIGHT", 0.0],
     },
 }
+#: DETRDistill's ablation (each component alone, as the paper's) and DETRDistill + CSGR
+_DETRDISTILL_RUNS = {
+    "DETRDistill logits only": ["MODEL.DISTILL.METHODS", ["DETRDistill"],
+                                "MODEL.DISTILL.DETRDISTILL.FEATURE_WEIGHT", 0.0,
+                                "MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_WEIGHT", 0.0],
+    "DETRDistill features only": ["MODEL.DISTILL.METHODS", ["DETRDistill"],
+                                  "MODEL.DISTILL.DETRDISTILL.LOGITS_WEIGHT", 0.0,
+                                  "MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_WEIGHT", 0.0],
+    "DETRDistill query prior only": ["MODEL.DISTILL.METHODS", ["DETRDistill"],
+                                     "MODEL.DISTILL.DETRDISTILL.LOGITS_WEIGHT", 0.0,
+                                     "MODEL.DISTILL.DETRDISTILL.FEATURE_WEIGHT", 0.0],
+    "DETRDistill+CSGR": ["MODEL.DISTILL.METHODS", ["DETRDistill", "CSGR"]],
+}
+DETECTOR_RUNS["detr"] = DETECTOR_RUNS["deformable-detr"] = _DETRDISTILL_RUNS
 BASELINE = "baseline (no distillation)"
 METRICS = ("AP", "AP50", "AP75")
 #: combinations worth running once all their members are registered
@@ -94,8 +121,8 @@ def method_runs(selected: Optional[List[str]] = None,
             runs[label] = list(opts)
     excluded = set(DETECTOR_EXCLUDES.get(detector, ()))
     runs = {label: opts for label, opts in runs.items()
-            if not (len(opts) > 1 and opts[0] == "MODEL.DISTILL.METHODS"
-                    and excluded & set(opts[1]))}
+            if label not in excluded and not (len(opts) > 1 and opts[0] == "MODEL.DISTILL.METHODS"
+                                              and excluded & set(opts[1]))}
     if selected is not None:
         unknown = [s for s in selected if s not in runs]
         if unknown:
