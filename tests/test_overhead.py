@@ -23,9 +23,10 @@ def retinanet_rows(tmp_path_factory):
 
 def test_every_variant_trains_with_finite_losses(retinanet_rows):
     assert list(retinanet_rows)[:2] == [overhead.STUDENT, overhead.FLOOR]
-    # LD needs the distribution box branch: timed on its own detector (test below)
-    assert set(registered_distillers()) - {"LD"} <= set(retinanet_rows)
-    assert "LD" not in retinanet_rows
+    # LD needs the distribution box branch, DETRDistill a DETR pair: timed on their own
+    # detectors (tests below)
+    assert set(registered_distillers()) - {"LD", "DETRDistill"} <= set(retinanet_rows)
+    assert "LD" not in retinanet_rows and "DETRDistill" not in retinanet_rows
     for label, row in retinanet_rows.items():
         assert row["losses_finite"], (label, row["losses"])
         assert {"loss_cls", "loss_box_reg"} <= set(row["losses"])
