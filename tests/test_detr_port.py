@@ -332,21 +332,33 @@ def test_deformable_forward_equals_the_librarys_model_on_converted_weights():
     assert torch.allclose(ours.pred_boxes, ref.pred_boxes, atol=1e-5)
 
 
+#: the library's names inside ``model.`` -> the official code's inside ``transformer.``
+_OFFICIAL_NAMES = [
+    (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.norm1."),
+    (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.norm2."),
+    (r"\.mlp\.fc1\.", ".linear1."),
+    (r"\.mlp\.fc2\.", ".linear2."),
+    (r"^decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.", r"decoder.layers.\1.norm1."),
+    (r"^decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"decoder.layers.\1.norm2."),
+    (r"^decoder\.layers\.(\d+)\.final_layer_norm\.", r"decoder.layers.\1.norm3."),
+    (r"\.encoder_attn\.", ".cross_attn."),
+    (r"\.self_attn\.o_proj\.", ".self_attn.out_proj."),
+]
+
+
 def _official_deformable_layout(port_state):
     """The port's weights written as an official Deformable DETR checkpoint names them (the
     layout of fundamentalvision/Deformable-DETR, stated here independently of the converter)."""
     import re
     official = {}
-    inverse_resnet = {}
-    for stage in range(1, 5):
-        inverse_resnet[f"res{stage + 1}"] = f"layer{stage}"
     for key, value in port_state.items():
         if key.startswith("backbone."):
             k = key[len("backbone."):]
             k = k.replace("stem.conv1.norm.", "bn1.").replace("stem.conv1.", "conv1.")
             k = re.sub(r"^res(\d)\.", lambda m: f"layer{int(m.group(1)) - 1}.", k)
             k = re.sub(r"\.conv(\d)\.norm\.", r".bn\1.", k)
-            k = k.replace(".shortcut.norm.", ".downsample.1.").replace(".shortcut.", ".downsample.0.")
+            k = k.replace(".shortcut.norm.", ".downsample.1.")
+            k = k.replace(".shortcut.", ".downsample.0.")
             official["backbone.0.body." + k] = value
             continue
         k = key[len("detector."):]
@@ -358,15 +370,8 @@ def _official_deformable_layout(port_state):
             official[k] = value
         else:
             t = k[len("model."):]
-            t = re.sub(r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.norm1.", t)
-            t = re.sub(r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.norm2.", t)
-            t = re.sub(r"\.mlp\.fc1\.", ".linear1.", t)
-            t = re.sub(r"\.mlp\.fc2\.", ".linear2.", t)
-            t = re.sub(r"^decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.", r"decoder.layers.\1.norm1.", t)
-            t = re.sub(r"^decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"decoder.layers.\1.norm2.", t)
-            t = re.sub(r"^decoder\.layers\.(\d+)\.final_layer_norm\.", r"decoder.layers.\1.norm3.", t)
-            t = re.sub(r"\.encoder_attn\.", ".cross_attn.", t)
-            t = re.sub(r"\.self_attn\.o_proj\.", ".self_attn.out_proj.", t)
+            for pattern, repl in _OFFICIAL_NAMES:
+                t = re.sub(pattern, repl, t)
             m = re.match(r"^decoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)$", t)
             if m:
                 name = f"transformer.decoder.layers.{m.group(1)}.self_attn.in_proj_{m.group(3)}"

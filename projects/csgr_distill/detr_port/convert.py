@@ -122,7 +122,8 @@ _DEFORMABLE_RULES = [
     (r"^decoder\.layers\.(\d+)\.norm1\.", r"model.decoder.layers.\1.encoder_attn_layer_norm."),
     (r"^decoder\.layers\.(\d+)\.norm2\.", r"model.decoder.layers.\1.self_attn_layer_norm."),
     (r"^decoder\.layers\.(\d+)\.norm3\.", r"model.decoder.layers.\1.final_layer_norm."),
-    (r"^decoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"model.decoder.layers.\1.self_attn.o_proj."),
+    (r"^decoder\.layers\.(\d+)\.self_attn\.out_proj\.",
+     r"model.decoder.layers.\1.self_attn.o_proj."),
     (r"^decoder\.(bbox_embed|class_embed)\.", r"model.decoder.\1."),
 ]
 

@@ -5,5 +5,5 @@ from .distribution_retinanet import DistillDistributionRetinaNet, DistributionRe
 from .rcnn import DistillGeneralizedRCNN
 from .retinanet import DistillRetinaNet
 
-__all__ = ["DistillMixin", "DistillDeformableDetr", "DistillDetr", "DistillDistributionRetinaNet", "DistillGeneralizedRCNN",
-           "DistillRetinaNet", "DistributionRetinaNet"]
+__all__ = ["DistillMixin", "DistillDeformableDetr", "DistillDetr", "DistillDistributionRetinaNet",
+           "DistillGeneralizedRCNN", "DistillRetinaNet", "DistributionRetinaNet"]

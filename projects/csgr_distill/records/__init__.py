@@ -7,5 +7,5 @@ from .rcnn import RCNNRecorder
 from .spec import DetectorSpec, check_level_pairs, grid_multiple, pad_images
 
 __all__ = ["Recorder", "DenseRecorder", "DetrRecorder", "RCNNRecorder", "DetectorSpec",
-           "check_level_pairs", "dense_head_branches", "grid_multiple", "level_provenance", "pad_images",
-           "recorder_for", "register_recorder", "registered_recorders"]
+           "check_level_pairs", "dense_head_branches", "grid_multiple", "level_provenance",
+           "pad_images", "recorder_for", "register_recorder", "registered_recorders"]
