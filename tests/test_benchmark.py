@@ -26,9 +26,24 @@ def test_kernels_ours_equals_the_straightforward_formula(tmp_path):
         # one value projection instead of two in the last pass: fewer matmul FLOPs
         assert 1.0 < rows[label]["flop_ratio"] < 2.0
     assert rows["CSGR"]["flop_ratio"] > rows["CSGR recurrence 2"]["flop_ratio"]
-    for name in ("FGD", "MIMIC", "PKD", "TAR"):  # every feature method meets its reference
+    for name in ("FGD", "MIMIC", "PKD"):  # every feature method meets its reference
+        assert rows[name]["inputs"] == "p3-p7 maps"
         assert rows[name]["max_rel_diff_loss"] < 1e-4, name
         assert rows[name]["max_rel_diff_grad"] < 1e-3, name
+    # the head-output losses, on the records of their detector pairs, every term included
+    inputs = {"KD": "RetinaNet records", "LD": "RetinaNet, distribution head records",
+              "TAR": "Faster R-CNN records", "DETRDistill": "Deformable DETR records"}
+    for name, source in inputs.items():
+        row = rows[name]
+        assert row["inputs"] == source
+        assert row["max_rel_diff_loss"] < 1e-4, (name, row)
+        assert row["max_rel_diff_grad"] < 1e-3, (name, row)
+        assert row["ours_ms"] > 0 and row["reference_ms"] > 0
+    assert {"loss_ld", "loss_ld_vlr", "loss_ld_kd"} <= set(rows["LD"]["losses"])
+    assert {"loss_tar_cls", "loss_tar_reg", "loss_tar_feat_p2"} <= set(rows["TAR"]["losses"])
+    qp = [k for k in rows["DETRDistill"]["losses"] if k.startswith("loss_detrdistill_qp_")]
+    feat = [k for k in rows["DETRDistill"]["losses"] if k.startswith("loss_detrdistill_feat_")]
+    assert qp and feat and "loss_detrdistill_giou_l0" in rows["DETRDistill"]["losses"]
     assert "kernels (cpu)" in (tmp_path / "kernels.md").read_text()
 
 

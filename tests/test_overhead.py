@@ -87,8 +87,18 @@ def test_detr_family_students_are_timed_with_csgr_and_detrdistill(tmp_path, dete
                  detectors=(detector,), command="test", measure_memory=False)
     rows = {r["variant"]: r for r in json.loads((tmp_path / "overhead.json").read_text())
             [f"cpu {detector}"]["rows"]}
+    # CSGR teacher_head needs dense logits: skipped; DETRDistill's components timed one by one
     assert list(rows) == [overhead.STUDENT, overhead.FLOOR, "CSGR", "CSGR recurrence 2",
-                          "DETRDistill"]  # CSGR teacher_head needs dense logits: skipped
+                          "DETRDistill", "DETRDistill logits only", "DETRDistill features only",
+                          "DETRDistill query prior only"]
     assert all(r["losses_finite"] for r in rows.values())
     assert any(k.startswith("loss_csgr_cs_res5") for k in rows["CSGR"]["losses"])
     assert any(k.startswith("loss_detrdistill_qp_") for k in rows["DETRDistill"]["losses"])
+    # each component alone: only its losses
+    prefixes = {"logits": ("loss_detrdistill_cls_", "loss_detrdistill_l1_",
+                           "loss_detrdistill_giou_"),
+                "features": ("loss_detrdistill_feat_",), "query prior": ("loss_detrdistill_qp_",)}
+    for part, own in prefixes.items():
+        keys = [k for k in rows[f"DETRDistill {part} only"]["losses"]
+                if k.startswith("loss_detrdistill")]
+        assert keys and all(k.startswith(own) for k in keys), (part, keys)

@@ -121,6 +121,21 @@ def header_lines(title: str, info: Dict[str, str], command: str) -> str:
     return f"### {title}\n\n{info['date']} · {machine}\n\n`{command}`\n"
 
 
+#: DETRDistill's components, each alone (the paper's ablation): gain trains them, overhead times
+#: them (the per-layer matching of the logits term and the extra decoder pass of the query-prior
+#: term are its two likely costs)
+DETRDISTILL_COMPONENTS: Dict[str, List] = {
+    "DETRDistill logits only": ["MODEL.DISTILL.METHODS", ["DETRDistill"],
+                                "MODEL.DISTILL.DETRDISTILL.FEATURE_WEIGHT", 0.0,
+                                "MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_WEIGHT", 0.0],
+    "DETRDistill features only": ["MODEL.DISTILL.METHODS", ["DETRDistill"],
+                                  "MODEL.DISTILL.DETRDISTILL.LOGITS_WEIGHT", 0.0,
+                                  "MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_WEIGHT", 0.0],
+    "DETRDistill query prior only": ["MODEL.DISTILL.METHODS", ["DETRDistill"],
+                                     "MODEL.DISTILL.DETRDISTILL.LOGITS_WEIGHT", 0.0,
+                                     "MODEL.DISTILL.DETRDISTILL.FEATURE_WEIGHT", 0.0],
+}
+
 #: options of a distiller worth measuring besides its published defaults: name -> {label: opts}
 OPTIONS = {
     "CSGR": {

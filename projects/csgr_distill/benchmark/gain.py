@@ -33,8 +33,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..distillers import registered_distillers
 from ..teacher import REPO_ROOT
-from .common import (NO_VALUE, header_lines, machine_info, markdown_table, method_variants,
-                     missing, number_cell, write_results)
+from .common import (DETRDISTILL_COMPONENTS, NO_VALUE, header_lines, machine_info, markdown_table,
+                     method_variants, missing, number_cell, write_results)
 
 TEACHER_CFG = "configs/demo/teacher-RetinaNet-R18-wide.yaml"
 STUDENT_CFG = "configs/demo/CSGR-RetinaNet-R18.yaml"
@@ -84,18 +84,8 @@ DETECTOR_RUNS: Dict[str, Dict[str, List]] = {
     },
 }
 #: DETRDistill's ablation (each component alone, as the paper's) and DETRDistill + CSGR
-_DETRDISTILL_RUNS = {
-    "DETRDistill logits only": ["MODEL.DISTILL.METHODS", ["DETRDistill"],
-                                "MODEL.DISTILL.DETRDISTILL.FEATURE_WEIGHT", 0.0,
-                                "MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_WEIGHT", 0.0],
-    "DETRDistill features only": ["MODEL.DISTILL.METHODS", ["DETRDistill"],
-                                  "MODEL.DISTILL.DETRDISTILL.LOGITS_WEIGHT", 0.0,
-                                  "MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_WEIGHT", 0.0],
-    "DETRDistill query prior only": ["MODEL.DISTILL.METHODS", ["DETRDistill"],
-                                     "MODEL.DISTILL.DETRDISTILL.LOGITS_WEIGHT", 0.0,
-                                     "MODEL.DISTILL.DETRDISTILL.FEATURE_WEIGHT", 0.0],
-    "DETRDistill+CSGR": ["MODEL.DISTILL.METHODS", ["DETRDistill", "CSGR"]],
-}
+_DETRDISTILL_RUNS = {**DETRDISTILL_COMPONENTS,
+                     "DETRDistill+CSGR": ["MODEL.DISTILL.METHODS", ["DETRDistill", "CSGR"]]}
 DETECTOR_RUNS["detr"] = DETECTOR_RUNS["deformable-detr"] = _DETRDISTILL_RUNS
 BASELINE = "baseline (no distillation)"
 METRICS = ("AP", "AP50", "AP75")

@@ -1,5 +1,21 @@
-"""kernels: forward+backward time of each distiller's loss on realistic FPN shapes, ours against a
-straightforward implementation of the same formula (``references.py``), plus their difference."""
+"""kernels: forward+backward time of each distiller's loss on realistic shapes, ours against a
+straightforward implementation of the same formula, plus their difference.
+
+Two kinds of input:
+
+* feature-map losses (CSGR, MIMIC, PKD, FGD) get random p3-p7 maps of an 800x1333 input
+  (``references.py``);
+* losses that read head outputs (KD, LD, TAR, DETRDistill) get the records of one training
+  forward of that method's student and teacher (random weights, the ``overhead`` detector pairs)
+  on a synthetic batch of the same size (``head_references.py``). The records' tensors are
+  made leaves, so the timed backward stops at them; what a record offers as a callable (the
+  teacher's RoI head for TAR's shared RoIs, the student's extra decoder pass for DETRDistill's
+  query prior) runs inside the timed call, in ours and in the reference alike. An un-normalised
+  random ResNet's maps reach ~1e6, so both backbones' outputs are scaled to unit std while
+  recording, and the layers after the backbones are re-drawn at unit gain (detectron2's heads
+  start at std 0.01, which makes every logit its prior and KD's KL ~1e-6, all rounding): the
+  heads then give values in a trained network's range, and student and teacher disagree.
+"""
 import math
 import os
 from typing import Dict, List
@@ -8,6 +24,8 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+from torch import Tensor
 
 from ..config import add_distill_config
 from ..distillers import DISTILLER_REGISTRY
@@ -18,9 +36,13 @@ from ..outputs import DetectorOutputs
 from ..teacher import REPO_ROOT
 from .common import header_lines, machine_info, markdown_table, matmul_flops, median, \
     method_variants, time_calls, write_results
+from .head_references import HEAD_REFERENCE_LOSSES
 from .references import REFERENCE_LOSSES, GroundTruth
 
 LEVELS = {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
+#: methods whose loss reads head outputs -> the ``overhead`` detector pair whose records feed it
+RECORD_DETECTORS = {"KD": "RetinaNet", "LD": "RetinaNet, distribution head",
+                    "TAR": "Faster R-CNN", "DETRDistill": "Deformable DETR"}
 
 
 def fpn_shapes(height: int, width: int, divisibility: int = 32) -> Dict[str, tuple]:
@@ -32,7 +54,7 @@ def fpn_shapes(height: int, width: int, divisibility: int = 32) -> Dict[str, tup
 
 def _build(name, opts, channels, num_classes, device):
     cfg = add_distill_config(get_cfg())
-    # the p3-p7 maps are a RetinaNet's: its detector config (e.g. TAR without RoI terms)
+    # the p3-p7 maps are a RetinaNet's: its detector config
     cfg.merge_from_file(os.path.join(REPO_ROOT, "configs/Base-RetinaNet-SODA10M.yaml"))
     cfg.MODEL.META_ARCHITECTURE = "DistillRetinaNet"
     cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
@@ -65,6 +87,127 @@ def synthetic_boxes(height: int, width: int, batch: int, per_image: int, generat
     return out
 
 
+def _unit_std(leaf: bool):
+    """A forward hook scaling a backbone's output maps to unit std (module docstring); with
+    ``leaf`` the scaled maps are new leaves requiring grad."""
+    def hook(_module, _inputs, output):
+        out = {}
+        for k, v in output.items():
+            v = v / v.detach().std().clamp_min(1e-12)
+            out[k] = v.detach().requires_grad_(True) if leaf else v
+        return out
+    return hook
+
+
+def _unit_gain(model: torch.nn.Module, skip: torch.nn.Module) -> None:
+    """Re-draw the weights of ``model``'s convolutions and linear layers outside ``skip`` (its
+    backbone) with variance ``2 / fan_in`` (ReLU towers keep their scale), biases kept (a
+    RetinaNet's class prior stays)."""
+    inside = {id(m) for m in skip.modules()}
+    with torch.no_grad():
+        for m in model.modules():
+            if id(m) not in inside and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+
+
+def _as_leaves(x, leaves: List[Tensor]):
+    """``x`` (a tensor, or lists/tuples/dicts of them) with every tensor that requires grad
+    replaced by a leaf copy (kept when already a leaf); the leaves are appended to ``leaves``."""
+    if isinstance(x, Tensor):
+        if not x.requires_grad:
+            return x
+        if not x.is_leaf:
+            x = x.detach().requires_grad_(True)
+        leaves.append(x)
+        return x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_as_leaves(v, leaves) for v in x)
+    if isinstance(x, dict):
+        return {k: _as_leaves(v, leaves) for k, v in x.items()}
+    return x
+
+
+def recorded_inputs(label: str, device: str, batch: int, height: int, width: int):
+    """``(distiller, student record, teacher record, gt_instances, leaves)`` of one training
+    forward of ``label``'s student (the :data:`RECORD_DETECTORS` pair, random weights) on a
+    synthetic ``batch x height x width`` batch; ``leaves``: the student tensors the loss's
+    gradient reaches."""
+    from . import overhead
+
+    detector = RECORD_DETECTORS[label]
+    (variant,) = overhead.build_variants(detector, device, only=label)
+    model = variant.model
+    teacher = model.teacher.model
+    torch.manual_seed(0)
+    _unit_gain(teacher, teacher.backbone)
+    _unit_gain(model, model.backbone)  # the teacher is no submodule of the student
+    captured = {}
+
+    def capture(losses, student, teacher, gt_instances):
+        captured.update(student=student, teacher=teacher, gt=gt_instances)
+        return losses
+
+    model.add_distill_losses = capture  # the instance attribute shadows the method
+    hooks = [model.backbone.register_forward_hook(_unit_std(leaf=True)),
+             teacher.backbone.register_forward_hook(_unit_std(leaf=False))]
+    try:
+        with EventStorage(0):
+            model(overhead.synthetic_batch(batch, height, width))
+    finally:
+        for h in hooks:
+            h.remove()
+        del model.add_distill_losses
+    leaves: List[Tensor] = []
+    student = captured["student"]
+    for name in list(student):
+        student[name] = _as_leaves(student[name], leaves)
+    (distiller,) = model.distillers.values()
+    return distiller, student, captured["teacher"], captured["gt"], leaves
+
+
+def _compare(distiller, fns: Dict[str, object], leaves: List[Tensor], device: str,
+             repeats: int, warmup: int) -> dict:
+    """Losses, gradients at ``leaves``, interleaved times and matmul FLOPs of ``fns`` (``ours``
+    and ``reference``, each ``() -> losses``): one row of the table."""
+    def step(fn):
+        def call():
+            distiller.zero_grad(set_to_none=True)
+            for v in leaves:
+                v.grad = None
+            torch.manual_seed(0)  # the same dropout in both (DETRDistill's extra decoder pass)
+            losses = fn()
+            # retain_graph: a record's callables reach into the recorded forward's graph
+            sum(losses.values()).backward(retain_graph=True)
+            return losses
+        return call
+
+    results = {}
+    for key, fn in fns.items():
+        losses = {k: v.detach().double() for k, v in step(fn)().items()}
+        grad = torch.cat([(v.grad if v.grad is not None else torch.zeros_like(v)).flatten()
+                          for v in leaves]).double()
+        results[key] = {"losses": losses, "grad": grad}
+    times = {key: [] for key in fns}
+    for _ in range(repeats):  # interleaved, so drift affects both alike
+        for key, fn in fns.items():
+            times[key] += time_calls(step(fn), device, 1, warmup)
+    ours, ref = results["ours"], results["reference"]
+    if set(ours["losses"]) != set(ref["losses"]):
+        raise AssertionError(f"ours returns {sorted(ours['losses'])}, the reference "
+                             f"{sorted(ref['losses'])}")
+    flops = {key: matmul_flops(step(fn)) for key, fn in fns.items()}
+    return {"losses": sorted(ours["losses"]), "ours_ms": 1e3 * median(times["ours"]),
+            "reference_ms": 1e3 * median(times["reference"]),
+            "speedup": median(times["reference"]) / median(times["ours"]),
+            "ours_gflop": flops["ours"] / 1e9, "reference_gflop": flops["reference"] / 1e9,
+            "flop_ratio": flops["reference"] / flops["ours"] if flops["ours"] else float("nan"),
+            # over the loss terms as one vector, like the gradient: a tiny term (KD's p7 on a
+            # test-sized input, a KL of ~1e-8 that float32 cannot resolve) is not blown up
+            "max_rel_diff_loss": _rel(*(torch.stack([r["losses"][k] for k in sorted(ref["losses"])])
+                                        for r in (ours, ref))),
+            "max_rel_diff_grad": _rel(ours["grad"], ref["grad"])}
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
@@ -88,6 +231,17 @@ def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333,
     rows: List[dict] = []
     for label, opts in method_variants().items():
         name = opts[1][0]
+        if label in RECORD_DETECTORS:
+            distiller, s_rec, t_rec, gt_rec, leaves = recorded_inputs(label, device, batch,
+                                                                       height, width)
+            fns = {"ours": lambda: distiller(s_rec, t_rec, gt_rec),
+                   "reference": lambda: HEAD_REFERENCE_LOSSES[name](distiller, s_rec, t_rec,
+                                                                    gt_rec)}
+            with EventStorage(0):
+                row = _compare(distiller, fns, leaves, device, repeats, warmup)
+            rows.append({"method": label, "inputs": f"{RECORD_DETECTORS[label]} records",
+                         **row})
+            continue
         if name not in REFERENCE_LOSSES:
             rows.append({"method": label, "note": "no straightforward reference registered"})
             continue
@@ -99,45 +253,11 @@ def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333,
                                 features=s_feats, feature_names=list(LEVELS))
         t_out = DetectorOutputs("features", [(height, width)] * batch, padded,
                                 features=feats["teacher"], feature_names=list(LEVELS))
-
-        def ours():
-            return distiller(s_out, t_out, gt_instances)
-
-        def reference():
-            return REFERENCE_LOSSES[name](distiller, s_feats, feats["teacher"], gt)
-
-        results = {}
-        for key, fn in (("ours", ours), ("reference", reference)):
-            distiller.zero_grad(set_to_none=True)
-            for v in s_feats.values():
-                v.grad = None
-            losses = fn()
-            sum(losses.values()).backward()
-            results[key] = {
-                "losses": {k: v.detach().double() for k, v in losses.items()},
-                "grad": torch.cat([s_feats[k].grad.flatten() for k in LEVELS]).double(),
-            }
-
-        def step(fn):
-            def call():
-                distiller.zero_grad(set_to_none=True)
-                sum(fn().values()).backward()
-            return call
-
-        t_ours, t_ref = [], []
-        for _ in range(repeats):  # interleaved, so drift affects both alike
-            t_ours += time_calls(step(ours), device, 1, warmup)
-            t_ref += time_calls(step(reference), device, 1, warmup)
-        loss_rel = max(_rel(results["ours"]["losses"][k], results["reference"]["losses"][k])
-                       for k in results["ours"]["losses"])
-        grad_rel = _rel(results["ours"]["grad"], results["reference"]["grad"])
-        flops = {"ours": matmul_flops(step(ours)), "reference": matmul_flops(step(reference))}
-        rows.append({"method": label, "ours_ms": 1e3 * median(t_ours),
-                     "reference_ms": 1e3 * median(t_ref),
-                     "speedup": median(t_ref) / median(t_ours),
-                     "ours_gflop": flops["ours"] / 1e9, "reference_gflop": flops["reference"] / 1e9,
-                     "flop_ratio": flops["reference"] / flops["ours"] if flops["ours"] else float("nan"),
-                     "max_rel_diff_loss": loss_rel, "max_rel_diff_grad": grad_rel})
+        fns = {"ours": lambda d=distiller, s=s_out, t=t_out: d(s, t, gt_instances),
+               "reference": lambda d=distiller, n=name, s=s_feats: REFERENCE_LOSSES[n](
+                   d, s, feats["teacher"], gt)}
+        row = _compare(distiller, fns, list(s_feats.values()), device, repeats, warmup)
+        rows.append({"method": label, "inputs": "p3-p7 maps", **row})
 
     # the criss-cross layer alone, at the largest level
     h, w = sizes["p3"]
@@ -169,13 +289,17 @@ def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333,
                + f"), batch {batch}, {channels} channels, K={num_classes}, forward+backward, "
                f"median of {repeats} interleaved repeats; matmul GFLOP: forward+backward "
                "matrix products counted by torch.utils.flop_counter (the FLOP ratio bounds the "
-               "speed-up of matmul-bound code)")
+               "speed-up of matmul-bound code); head-output losses: the records of their "
+               "detector pair (random weights, backbone maps at unit std, heads at unit gain) on a "
+               "synthetic batch of that input size; max rel diff: the largest absolute difference "
+               "over the largest absolute value, of the loss terms and of the gradient")
     table = markdown_table(
-        ["loss", "ours (ms)", "straightforward (ms)", "speed-up", "matmul GFLOP ours",
+        ["loss", "inputs", "ours (ms)", "straightforward (ms)", "speed-up", "matmul GFLOP ours",
          "matmul GFLOP straightforward", "FLOP ratio", "max rel diff (loss)",
          "max rel diff (grad)"],
-        [[r["method"], r.get("ours_ms", "-"), r.get("reference_ms", "-"), r.get("speedup", "-"),
-          r.get("ours_gflop", "-"), r.get("reference_gflop", "-"), r.get("flop_ratio", "-"),
+        [[r["method"], r.get("inputs", "-"), r.get("ours_ms", "-"), r.get("reference_ms", "-"),
+          r.get("speedup", "-"), r.get("ours_gflop", "-"), r.get("reference_gflop", "-"),
+          r.get("flop_ratio", "-"),
           r.get("max_rel_diff_loss", "-"), r.get("max_rel_diff_grad", "-")] for r in rows])
     md = header_lines(f"kernels ({device})", info, command) + "\n" + setting + "\n\n" + table
     payload = {"machine": info, "setting": setting, "rows": rows}

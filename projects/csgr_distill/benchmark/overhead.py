@@ -3,9 +3,11 @@ SGD step) for
 
 * the student alone,
 * the student plus a teacher forward (the physical floor of any feature distillation),
-* the student under each registered distiller (and CSGR's options),
+* the student under each registered distiller (and CSGR's options; on the DETR family also
+  DETRDistill's components one by one),
 
-for RetinaNet and Faster R-CNN at a stated image size and batch. Times come from one process,
+for RetinaNet, Faster R-CNN and the distribution-head RetinaNet (and, on request, DETR and
+Deformable DETR) at a stated image size and batch. Times come from one process,
 variants interleaved round by round, medians over repeats. Peak memory: on CUDA
 ``max_memory_allocated`` in the same process; on the CPU the peak resident set of a fresh process
 per variant (``--memory-probe``; high-water mark reset after the imports) minus its resident set
@@ -28,8 +30,8 @@ from detectron2.utils.events import EventStorage
 from ..config import add_distill_config
 from ..records import recorder_for
 from ..teacher import REPO_ROOT, FrozenTeacher, build_teacher_cfg
-from .common import header_lines, machine_info, markdown_table, matmul_flops, median, \
-    method_variants, synchronize, time_calls, write_results
+from .common import DETRDISTILL_COMPONENTS, header_lines, machine_info, markdown_table, \
+    matmul_flops, median, method_variants, synchronize, time_calls, write_results
 
 #: detector -> (distilled student config, teacher config)
 DETECTORS = {
@@ -46,6 +48,8 @@ DETECTORS = {
 DETECTOR_METHODS = {"RetinaNet, distribution head": ("LD",),
                     "DETR": ("CSGR", "DETRDistill"),
                     "Deformable DETR": ("CSGR", "DETRDistill")}
+#: variants only a detector's students have: DETRDistill's components, timed one by one
+DETECTOR_VARIANTS = {"DETR": DETRDISTILL_COMPONENTS, "Deformable DETR": DETRDISTILL_COMPONENTS}
 #: detectors timed by default (the DETR family on request: --detectors DETR "Deformable DETR")
 DEFAULT_DETECTORS = ("RetinaNet", "Faster R-CNN", "RetinaNet, distribution head")
 STUDENT, FLOOR = "student alone", "student + teacher forward (floor)"
@@ -114,7 +118,7 @@ def build_variants(detector: str, device: str, only: Optional[str] = None) -> Li
         variants.append(_Variant(STUDENT, build_model(base).train()))
     if only in (None, FLOOR):
         variants.append(_Variant(FLOOR, build_model(base).train(), teacher_forward=teacher))
-    for label, opts in method_variants().items():
+    for label, opts in {**method_variants(), **DETECTOR_VARIANTS.get(detector, {})}.items():
         if only not in (None, label):
             continue
         if detector in DETECTOR_METHODS and opts[1][0] not in DETECTOR_METHODS[detector]:
