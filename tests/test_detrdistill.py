@@ -46,6 +46,35 @@ def test_matching_is_the_brute_force_optimum_of_the_soft_cost(softmax):
     assert [int(j[list(i).index(a)]) for a in range(q)] == list(best)
 
 
+@pytest.mark.parametrize("softmax", [False, True])
+def test_batched_costs_equal_the_per_image_ones(softmax):
+    # match_predictions computes every layer's and image's costs in one pass: the same matrices
+    from detr.util.box_ops import generalized_box_iou
+    from csgr_distill.distillers.detrdistill import _pairwise_giou
+    g = torch.Generator().manual_seed(1)
+    s_l, t_l = torch.randn(3, 2, 7, 5, generator=g), torch.randn(3, 2, 6, 5, generator=g)
+    s_b = torch.rand(3, 2, 7, 4, generator=g) * 0.4 + 0.3
+    t_b = torch.rand(3, 2, 6, 4, generator=g) * 0.4 + 0.3
+    giou = _pairwise_giou(_xyxy(s_b), _xyxy(t_b))
+    cls = soft_class_cost(s_l, t_l, softmax)
+    for a in range(3):
+        for n in range(2):
+            assert torch.allclose(giou[a, n], generalized_box_iou(_xyxy(s_b[a, n]),
+                                                                  _xyxy(t_b[a, n])), atol=1e-6)
+            p = F.softmax(t_l[a, n], -1) if softmax else torch.sigmoid(t_l[a, n])
+            direct = (-(p[None] * F.log_softmax(s_l[a, n], -1)[:, None]).sum(-1) if softmax else
+                      F.binary_cross_entropy_with_logits(
+                          s_l[a, n][:, None].expand(7, 6, 5), p[None].expand(7, 6, 5),
+                          reduction="none").sum(-1))
+            assert torch.allclose(cls[a, n], direct, atol=1e-5)
+    flat = match_predictions(s_l.flatten(0, 1), s_b.flatten(0, 1), t_l.flatten(0, 1),
+                             t_b.flatten(0, 1), softmax)
+    for k, (i, j) in enumerate(flat):
+        (i1, j1), = match_predictions(s_l[k // 2, k % 2][None], s_b[k // 2, k % 2][None],
+                                      t_l[k // 2, k % 2][None], t_b[k // 2, k % 2][None], softmax)
+        assert i.tolist() == i1.tolist() and j.tolist() == j1.tolist() and len(i) == 6
+
+
 def test_soft_class_cost_by_hand():
     s, t = torch.tensor([[0.5, -1.0]]), torch.tensor([[2.0, 0.0]])
     p = torch.sigmoid(t[0])

@@ -40,34 +40,47 @@ def _box_xyxy(b: Tensor) -> Tensor:
 
 
 def soft_class_cost(s_logits: Tensor, t_logits: Tensor, softmax: bool) -> Tensor:
-    """``[Qs, C]``, ``[Qt, C]`` -> ``[Qs, Qt]``: the class cost of pairing student query i with
-    teacher query j. Sigmoid heads: the BCE of the student's logits against the teacher's
-    probabilities, summed over classes; softmax heads: the cross-entropy ``-sum p_t log q_s``."""
+    """``[..., Qs, C]``, ``[..., Qt, C]`` -> ``[..., Qs, Qt]``: the class cost of pairing student
+    query i with teacher query j. Sigmoid heads: the BCE of the student's logits against the
+    teacher's probabilities, summed over classes; softmax heads: the cross-entropy
+    ``-sum p_t log q_s``. Both are a matrix product over classes (no ``[Qs, Qt, C]`` tensor)."""
     t = t_logits.detach()
     if softmax:
-        return -(F.softmax(t, -1)[None] * F.log_softmax(s_logits, -1)[:, None]).sum(-1)
-    p = torch.sigmoid(t)[None]  # [1, Qt, C]
-    s = s_logits[:, None]  # [Qs, 1, C]
-    # BCE(s, p) = softplus(s) - p s, summed over classes
-    return (F.softplus(s) - p * s).sum(-1)
+        return -(F.log_softmax(s_logits, -1) @ F.softmax(t, -1).transpose(-1, -2))
+    # BCE(s, p) summed over classes = sum_c softplus(s_c) - s . p
+    return (F.softplus(s_logits).sum(-1, keepdim=True)
+            - s_logits @ torch.sigmoid(t).transpose(-1, -2))
+
+
+def _pairwise_giou(a: Tensor, b: Tensor) -> Tensor:
+    """Generalised IoU of xyxy boxes ``[..., A, 4]`` x ``[..., B, 4]`` -> ``[..., A, B]`` (the
+    batched form of ``detr.util.box_ops.generalized_box_iou``)."""
+    a, b = a[..., :, None, :], b[..., None, :, :]
+    inter = (torch.minimum(a[..., 2:], b[..., 2:])
+             - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
+    union = (a[..., 2:] - a[..., :2]).prod(-1) + (b[..., 2:] - b[..., :2]).prod(-1) - inter
+    hull = (torch.maximum(a[..., 2:], b[..., 2:])
+            - torch.minimum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
+    return inter / union - (hull - union) / hull
 
 
 def match_predictions(s_logits: Tensor, s_boxes: Tensor, t_logits: Tensor, t_boxes: Tensor,
                       softmax: bool, costs=(1.0, 5.0, 2.0)) -> List[Tuple[Tensor, Tensor]]:
     """Per image, the Hungarian matching of the student's predictions ``[N, Qs, .]`` to the
     teacher's ``[N, Qt, .]`` (scipy's ``linear_sum_assignment``, as the detectors' matchers):
-    ``(student_idx, teacher_idx)``, ``min(Qs, Qt)`` pairs."""
-    from detr.util.box_ops import generalized_box_iou
-
-    out = []
+    ``(student_idx, teacher_idx)``, ``min(Qs, Qt)`` pairs. N may stack several decoder layers'
+    images: every cost matrix is computed in one batched pass and copied to the host once (on
+    a GPU, one synchronisation instead of one per image and layer)."""
     with torch.no_grad():
-        for sl, sb, tl, tb in zip(s_logits, s_boxes, t_logits, t_boxes):
-            cost = (costs[0] * soft_class_cost(sl, tl, softmax)
-                    + costs[1] * torch.cdist(sb, tb, p=1)
-                    - costs[2] * generalized_box_iou(_box_xyxy(sb), _box_xyxy(tb)))
-            i, j = linear_sum_assignment(cost.float().cpu().numpy())
-            out.append((torch.as_tensor(i, dtype=torch.long, device=sl.device),
-                        torch.as_tensor(j, dtype=torch.long, device=sl.device)))
+        cost = (costs[0] * soft_class_cost(s_logits, t_logits, softmax)
+                + costs[1] * torch.cdist(s_boxes, t_boxes, p=1)
+                - costs[2] * _pairwise_giou(_box_xyxy(s_boxes), _box_xyxy(t_boxes)))
+        cost = cost.float().cpu().numpy()
+    out = []
+    for c in cost:
+        i, j = linear_sum_assignment(c)
+        out.append((torch.as_tensor(i, dtype=torch.long).to(s_logits.device),
+                    torch.as_tensor(j, dtype=torch.long).to(s_logits.device)))
     return out
 
 
@@ -232,13 +245,20 @@ class DETRDistillDistiller(nn.Module):
                              "DETR vs sigmoid Deformable DETR); use two detectors of one variant")
         targets = detr_targets(gt_instances, student.image_sizes)
         layers = student.pred_logits.shape[0]
-        last_pairs = None
+        matched = range(layers) if self.logits_weight else range(layers - 1, layers)
+        pairs_by_layer: Dict[int, list] = {}
+        if self.logits_weight or self.contrast_weight:  # every layer's matching at once
+            flat = match_predictions(*(x[matched.start:].flatten(0, 1) for x in (
+                student.pred_logits, student.pred_boxes, teacher.pred_logits,
+                teacher.pred_boxes)), student.softmax, self.costs)
+            n = student.pred_logits.shape[1]
+            pairs_by_layer = {layer: flat[k * n:(k + 1) * n] for k, layer in enumerate(matched)}
+        last_pairs = pairs_by_layer.get(layers - 1)
         for layer in range(layers):
             s_lg, s_bx = student.pred_logits[layer], student.pred_boxes[layer]
             t_lg, t_bx = teacher.pred_logits[layer], teacher.pred_boxes[layer]
-            if self.logits_weight or (self.contrast_weight and layer == layers - 1):
-                pairs = match_predictions(s_lg, s_bx, t_lg, t_bx, student.softmax, self.costs)
-                last_pairs = pairs
+            if layer in pairs_by_layer:
+                pairs = pairs_by_layer[layer]
                 if self.logits_weight:
                     for k, v in self.pair_losses(s_lg, s_bx, t_lg, t_bx, pairs,
                                                  student.softmax).items():
