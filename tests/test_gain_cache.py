@@ -14,23 +14,29 @@ CSGR = "CSGR"
 
 
 class FakeTrainNet:
-    """Stands in for ``gain._train_net``: writes ``model_final.pth`` (teacher training),
-    ``eval_results.json`` (``--eval-only``) or ``metrics.json`` (student training, one bbox row per
-    evaluation period and at SOLVER.MAX_ITER, default 600, as detectron2's EvalHook) into
-    OUTPUT_DIR, and records every call
-    as (kind, config file, OUTPUT_DIR) with kind in {"teacher", "eval", "student"}. Each call's AP
-    is distinct (10 + call number), so a value read back from the cache is recognisable."""
+    """Stands in for ``gain._train_net``: writes what a real ``train_net.py`` run would into
+    OUTPUT_DIR: ``eval_results.json`` (``--eval-only``); for training, a checkpoint every
+    SOLVER.CHECKPOINT_PERIOD iterations (``model_<iteration - 1>.pth`` and ``last_checkpoint``,
+    ``model_final.pth`` at the end) and, for a student, ``metrics.json`` rows at each evaluation
+    (every TEST.EVAL_PERIOD and at SOLVER.MAX_ITER, default 600; the teacher's default is 2000),
+    after that iteration's checkpoint, as detectron2's hooks are ordered, and logged at the
+    iteration detectron2 logs them at (the final one at MAX_ITER, not MAX_ITER - 1). ``--resume`` continues
+    after the iteration ``last_checkpoint`` names. Every call is recorded as (kind, config file,
+    OUTPUT_DIR, args) with kind in {"teacher", "eval", "student"}. Each call's AP is distinct
+    (10 + call number), so a value read back from the cache is recognisable."""
 
     def __init__(self):
         self.calls = []
-        #: a student run is killed after writing this many evaluations (None: never)
-        self.kill_student_after = None
+        #: (kind, iteration): the next run of that kind dies right after that iteration's
+        #: checkpoint, before its evaluation (None: no run dies)
+        self.kill = None
 
     def __call__(self, args, log_path):
         args = [str(a) for a in args]
         config = args[args.index("--config-file") + 1]
         eval_only = "--eval-only" in args
-        opts = [a for a in args if a != "--eval-only"][2:]
+        resume = "--resume" in args
+        opts = [a for a in args if a not in ("--eval-only", "--resume")][2:]
         kv = dict(zip(opts[::2], opts[1::2]))  # later keys win, as in yacs
         out = kv["OUTPUT_DIR"]
         os.makedirs(out, exist_ok=True)
@@ -38,28 +44,42 @@ class FakeTrainNet:
             f.write("fake\n")
         ap = 10.0 + len(self.calls)
         bbox = {"AP": ap, "AP50": ap + 20, "AP75": ap - 5}
+        self.calls.append(None)  # replaced below; a killed call counts too
         if eval_only:
             kind = "eval"
             with open(os.path.join(out, "eval_results.json"), "w") as f:
                 json.dump({"bbox": bbox}, f)
-        elif config in (gain.TEACHER_CFG, gain.DETECTORS["rcnn"][0]):
-            kind = "teacher"
-            with open(os.path.join(out, "model_final.pth"), "wb") as f:
-                f.write(b"fake teacher weights")
         else:
-            kind = "student"
-            iters = int(kv.get("SOLVER.MAX_ITER", 600))
-            period = int(kv["TEST.EVAL_PERIOD"])
-            # detectron2's JSONWriter appends to an existing metrics.json
-            with open(os.path.join(out, "metrics.json"), "a") as f:
-                for k, it in enumerate(sorted(set(range(period, iters, period)) | {iters})):
-                    if self.kill_student_after is not None and k >= self.kill_student_after:
-                        self.kill_student_after = None
-                        raise RuntimeError("train_net.py killed")
-                    f.write(json.dumps({"iteration": it - 1, "total_loss": 1.0}) + "\n")
-                    f.write(json.dumps({"iteration": it - 1, **{f"bbox/{m}": v
-                                                                for m, v in bbox.items()}}) + "\n")
-        self.calls.append((kind, config, out))
+            kind = ("teacher" if config in (gain.TEACHER_CFG, gain.DETECTORS["rcnn"][0])
+                    else "student")
+            self.calls[-1] = (kind, config, out, args)
+            iters = int(kv.get("SOLVER.MAX_ITER", 2000 if kind == "teacher" else 600))
+            every = int(kv.get("SOLVER.CHECKPOINT_PERIOD", 100000))  # the demo configs'
+            period = int(kv.get("TEST.EVAL_PERIOD", 0))
+            evals = set(range(period, iters, period)) | {iters} if kind == "student" else set()
+            start = 0
+            if resume:
+                name = open(os.path.join(out, "last_checkpoint")).read()
+                start = iters if name == "model_final.pth" else int(name[6:13]) + 1
+            for it in range(start + 1, iters + 1):
+                if it % every == 0 or it == iters:
+                    name = "model_final.pth" if it == iters else f"model_{it - 1:07d}.pth"
+                    with open(os.path.join(out, name), "wb") as f:
+                        f.write(f"fake {kind} weights".encode())
+                    with open(os.path.join(out, "last_checkpoint"), "w") as f:
+                        f.write(name)
+                if self.kill == (kind, it):
+                    self.kill = None
+                    raise RuntimeError("train_net.py killed")
+                if it in evals:  # detectron2's JSONWriter appends to an existing metrics.json
+                    # the final evaluation runs in after_train, where the storage's iteration
+                    # is max_iter; the periodic ones after the step of 0-based iteration it - 1
+                    logged = iters if it == iters else it - 1
+                    with open(os.path.join(out, "metrics.json"), "a") as f:
+                        f.write(json.dumps({"iteration": it - 1, "total_loss": 1.0}) + "\n")
+                        f.write(json.dumps({"iteration": logged, **{
+                            f"bbox/{m}": v for m, v in bbox.items()}}) + "\n")
+        self.calls[-1] = (kind, config, out, args)
 
     def count(self, kind):
         return sum(c[0] == kind for c in self.calls)
@@ -226,17 +246,127 @@ def test_cache_entry_with_other_material_is_ignored(tmp_path, fake):
     assert _cached(p) == {gain.BASELINE: [True], CSGR: [False]}
 
 
-def test_a_run_killed_before_it_finished_is_trained_again_from_a_clean_folder(tmp_path, fake):
-    """A killed run leaves a metrics.json without final.json; detectron2 appends to it, so the
-    next attempt must start from an empty one, or its curve mixes both runs (and the curve plot
-    fails on curves of different lengths)."""
-    fake.kill_student_after = 2  # the baseline run dies after two of its three evaluations
+def test_a_run_killed_before_its_first_checkpoint_starts_again_from_a_clean_folder(tmp_path,
+                                                                                   fake):
+    """A run killed before its first checkpoint leaves a metrics.json and nothing to resume from;
+    detectron2 appends to that file, so the next attempt must start from an empty one, or its
+    curve mixes both attempts."""
+    fake.kill = ("student", 300)  # the baseline dies after its first evaluation (200)
+    gain.CHECKPOINT_PERIOD, saved = 1000, gain.CHECKPOINT_PERIOD
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            _run(tmp_path)
+        payload = _run(tmp_path)
+    finally:
+        gain.CHECKPOINT_PERIOD = saved
+    base = payload["runs"][gain.BASELINE][0]
+    assert [it for it, _ in base["curve"]] == [200, 400, 600]
+    assert base["resumed_from"] == [] and base["curve"][0][1]["AP"] == 13.0  # the 2nd attempt's
+    assert not any("--resume" in c[3] for c in fake.calls)
+    assert (tmp_path / "results" / "gain_curves.png").is_file()
+
+
+def test_a_killed_student_continues_from_its_last_checkpoint_and_says_so(tmp_path, fake):
+    fake.kill = ("student", 500)  # the baseline dies at 500; its last checkpoint holds 400
+    lines = []
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(tmp_path, lines)
+    n = len(fake.calls)
+    payload = _run(tmp_path, lines)
+    resumed_call = fake.calls[n]
+    assert resumed_call[0] == "student" and "--resume" in resumed_call[3]
+    assert resumed_call[2] == fake.calls[n - 1][2]  # the killed run's folder
+    base = payload["runs"][gain.BASELINE][0]
+    assert base["resumed_from"] == [400]
+    assert [it for it, _ in base["curve"]] == [200, 400, 600]
+    # 200 and 400 from the killed attempt, 600 from the resumed one
+    assert [c["AP"] for _, c in base["curve"]] == [12.0, 12.0, 13.0]
+    assert payload["runs"][CSGR][0]["resumed_from"] == []
+    assert f"[gain] seed 0 {gain.BASELINE}: AP 13.00 (resumed at iteration 400)" in lines
+    md = (tmp_path / "results" / "gain.md").read_text()
+    assert f"resumed runs: {gain.BASELINE} seed 0 (resumed at iteration 400)" in md
+    rdir = resumed_call[2]
+    assert sorted(f for f in os.listdir(rdir) if f.endswith(".pth")) == ["model_final.pth"]
+    assert os.path.isfile(os.path.join(rdir, "train-resumed-at-400.log"))
+    # from the cache, it still says it was resumed
+    again = _run(tmp_path)
+    assert len(fake.calls) == n + 2 and again["runs"][gain.BASELINE][0]["resumed_from"] == [400]
+    assert "resumed runs:" in (tmp_path / "results" / "gain.md").read_text()
+
+
+def test_a_run_killed_inside_an_evaluation_gets_that_point_from_its_checkpoint(tmp_path, fake):
+    """Killed while evaluating after iteration 400: the resumed run starts after 400 and does not
+    evaluate it, so that point is evaluated from the checkpoint saved just before."""
+    fake.kill = ("student", 400)
     with pytest.raises(RuntimeError, match="killed"):
         _run(tmp_path)
+    n = len(fake.calls)
     payload = _run(tmp_path)
-    for label, rs in payload["runs"].items():
-        assert [it for it, _ in rs[0]["curve"]] == [200, 400, 600], label
-    assert (tmp_path / "results" / "gain_curves.png").is_file()
+    base = payload["runs"][gain.BASELINE][0]
+    assert base["resumed_from"] == [400]
+    assert [it for it, _ in base["curve"]] == [200, 400, 600]
+    kind, _, out, args = fake.calls[n + 1]  # the resumed training, then the point's evaluation
+    assert kind == "eval" and args[args.index("MODEL.WEIGHTS") + 1].endswith("model_0000399.pth")
+    assert base["curve"][1][1]["AP"] == 10.0 + n + 1
+
+
+def test_an_evaluation_logged_twice_keeps_the_resumed_runs_value(tmp_path, fake):
+    """Evaluated at 300, killed at 350, resumed from its checkpoint at 200: 300 is evaluated and
+    logged again, and the curve keeps the later row, once."""
+    fake.kill = ("student", 350)
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(tmp_path, iters=900)
+    n = len(fake.calls)
+    base = _run(tmp_path, iters=900)["runs"][gain.BASELINE][0]
+    assert base["resumed_from"] == [200]
+    assert [it for it, _ in base["curve"]] == [300, 600, 900]
+    assert all(c["AP"] == 10.0 + n for _, c in base["curve"])
+
+
+def test_a_killed_teacher_continues_from_its_last_checkpoint(tmp_path, fake):
+    fake.kill = ("teacher", 1100)
+    lines = []
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(tmp_path, lines)
+    payload = _run(tmp_path, lines)
+    teachers = [c for c in fake.calls if c[0] == "teacher"]
+    assert len(teachers) == 2 and "--resume" in teachers[1][3]
+    assert payload["teacher"]["resumed_from"] == [1000]
+    assert any(m.startswith("[gain] teacher AP") and "(in this invocation, resumed at iteration "
+               "1000)" in m for m in lines)
+    tdir = teachers[1][2]
+    assert sorted(f for f in os.listdir(tdir) if f.endswith(".pth")) == ["model_final.pth"]
+    again = _run(tmp_path)
+    assert again["teacher"]["cached"] and again["teacher"]["resumed_from"] == [1000]
+    assert ("trained 2000 iterations (cached, resumed at iteration 1000)"
+            in (tmp_path / "results" / "gain.md").read_text())
+
+
+def test_the_final_evaluation_is_the_curve_point_at_max_iter(tmp_path, fake):
+    """detectron2 logs the final evaluation (after_train) at iteration MAX_ITER, the periodic
+    ones at the 0-based iteration they follow; the curve counts iterations trained, so the final
+    point is 600, not 601 (as runs stored before this fix had it: read back as 600)."""
+    payload = _run(tmp_path)
+    for rs in payload["runs"].values():
+        assert [it for it, _ in rs[0]["curve"]] == [200, 400, 600]
+    final = next((tmp_path / "work" / "runs" / "CSGR").glob("seed0-*")) / "final.json"
+    stored = json.loads(final.read_text())
+    stored["result"]["curve"][-1][0] = 601  # as the old _read_curve stored it
+    final.write_text(json.dumps(stored))
+    again = _run(tmp_path)
+    assert again["runs"][CSGR][0]["cached"]
+    assert [it for it, _ in again["runs"][CSGR][0]["curve"]] == [200, 400, 600]
+
+
+def test_resume_point_reads_the_last_checkpoint(tmp_path):
+    assert gain.resume_point(str(tmp_path), 600) is None
+    (tmp_path / "last_checkpoint").write_text("model_0000399.pth")
+    assert gain.resume_point(str(tmp_path), 600) is None  # named, but the file is gone
+    (tmp_path / "model_0000399.pth").write_bytes(b"w")
+    assert gain.resume_point(str(tmp_path), 600) == 400
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")
+    (tmp_path / "model_final.pth").write_bytes(b"w")
+    assert gain.resume_point(str(tmp_path), 600) == 600
 
 
 def test_rcnn_detector_trains_the_faster_rcnn_pair_with_tars_ablation(tmp_path, fake):

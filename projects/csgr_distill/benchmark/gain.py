@@ -22,10 +22,18 @@ A student is keyed by its iterations, seed, eval points, overrides, merged confi
 baseline never builds the teacher), the code (:func:`code_version`) and the torch/detectron2
 versions. Every result says whether it came from the cache (``"cached": true``), and so do the
 progress lines and the markdown (a "cached runs" footnote and the teacher line).
+
+Resuming. Every run saves a checkpoint each :data:`CHECKPOINT_PERIOD` iterations; a run killed
+before it finished (a session's end, a lost machine) continues from its last checkpoint when the
+same command runs again (``train_net.py --resume``), so it loses at most that many iterations.
+A resumed run is not bit-identical to an uninterrupted one (the data order and random states
+restart at the checkpoint), so it says so: ``"resumed_from": [iteration, ...]`` in its result,
+on its progress line and in a "resumed runs" footnote (the teacher: on its line).
 """
 import hashlib
 import json
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -179,15 +187,123 @@ def _opts_str(opts: List) -> List[str]:
     return [str(o) for o in opts]
 
 
-def _read_curve(metrics_json: str) -> List[Tuple[int, Dict[str, float]]]:
-    """(iteration, {AP, AP50, AP75}) of every evaluation logged in a metrics.json."""
-    curve = []
+def _read_curve(metrics_json: str, iters: int) -> List[Tuple[int, Dict[str, float]]]:
+    """(iterations trained, {AP, AP50, AP75}) of every evaluation logged in a metrics.json of a
+    run of ``iters`` iterations, in iteration order. A periodic evaluation is logged at the
+    0-based iteration it follows (199: after 200 iterations), the final one at ``iters`` itself
+    (detectron2 sets the storage's iteration to ``max_iter`` for ``after_train``): both are
+    counted in iterations trained (:func:`curve_point`). A resumed run logs again from its
+    checkpoint on (detectron2 appends to the file): for an iteration logged twice the later row
+    wins."""
+    curve = {}
     with open(metrics_json) as f:
         for line in f:
             row = json.loads(line)
             if "bbox/AP" in row:
-                curve.append((row["iteration"] + 1, {m: row[f"bbox/{m}"] for m in METRICS}))
-    return curve
+                curve[curve_point(row["iteration"], iters)] = {m: row[f"bbox/{m}"]
+                                                                for m in METRICS}
+    return sorted(curve.items())
+
+
+def curve_point(logged_iteration: int, iters: int) -> int:
+    """Iterations trained when an evaluation logged at ``logged_iteration`` ran: the logged
+    iteration + 1, but ``iters`` for the final evaluation, which is logged at ``iters``. Runs
+    stored before this was known have their final point at ``iters + 1``; they are read through
+    this too."""
+    return min(logged_iteration + 1, iters)
+
+
+def eval_points_of(iters: int, period: int) -> List[int]:
+    """The iterations after which detectron2's EvalHook evaluates a run of ``iters`` iterations
+    with ``TEST.EVAL_PERIOD`` ``period``: every multiple of ``period`` below ``iters``, and
+    ``iters``."""
+    return sorted(set(range(period, iters, period)) | {iters})
+
+
+# ----------------------------------------------------------------------------------------------
+# resuming
+
+
+#: SOLVER.CHECKPOINT_PERIOD of every gain run: a killed run loses at most this many iterations.
+#: Not part of the key material: saving weights does not change what is trained.
+CHECKPOINT_PERIOD = 200
+_PERIODIC = re.compile(r"model_(\d{7})\.pth")
+
+
+def resume_point(rdir: str, iters: int) -> Optional[int]:
+    """The iteration a killed run in ``rdir`` continues from: what its last checkpoint holds
+    (``model_0000399.pth`` -> 400, ``model_final.pth`` -> ``iters``), None when it has none."""
+    try:
+        with open(os.path.join(rdir, "last_checkpoint")) as f:
+            name = f.read().strip()
+    except OSError:
+        return None
+    if not os.path.isfile(os.path.join(rdir, name)):
+        return None
+    if name == "model_final.pth":
+        return iters
+    m = _PERIODIC.fullmatch(name)
+    return int(m.group(1)) + 1 if m else None
+
+
+def _train_resumable(config: str, args: List, rdir: str, iters: int) -> List[int]:
+    """``train_net.py --config-file config args`` into ``rdir`` with checkpoints every
+    :data:`CHECKPOINT_PERIOD` iterations; continued with ``--resume`` when an earlier attempt left
+    a checkpoint there, else started in a cleaned folder (a killed run's ``metrics.json``, to
+    which detectron2 would append, is removed). Returns every iteration this run was resumed
+    from, over all its attempts (kept in ``<rdir>/resumed_from.json``; [] for a run that never
+    was)."""
+    record = os.path.join(rdir, "resumed_from.json")
+    start = resume_point(rdir, iters)
+    if start is None:
+        for stale in ("metrics.json", "resumed_from.json"):
+            if os.path.exists(os.path.join(rdir, stale)):
+                os.remove(os.path.join(rdir, stale))
+        resumed: List[int] = []
+    else:
+        try:
+            with open(record) as f:
+                resumed = json.load(f)
+        except (OSError, ValueError):
+            resumed = []
+        resumed.append(start)
+        os.makedirs(rdir, exist_ok=True)
+        with open(record, "w") as f:
+            json.dump(resumed, f)
+    train_args = ["--config-file", config] + _opts_str(args) + [
+        "SOLVER.CHECKPOINT_PERIOD", CHECKPOINT_PERIOD, "OUTPUT_DIR", rdir]
+    log = "train.log" if start is None else f"train-resumed-at-{start}.log"
+    _train_net((["--resume"] if start is not None else []) + train_args,
+               os.path.join(rdir, log))
+    return resumed
+
+
+def _remove_periodic_checkpoints(rdir: str) -> None:
+    """Delete a finished run's ``model_<iteration>.pth`` files (``model_final.pth`` stays)."""
+    for name in os.listdir(rdir):
+        if _PERIODIC.fullmatch(name):
+            os.remove(os.path.join(rdir, name))
+
+
+def _fill_curve(curve: List[Tuple[int, Dict[str, float]]], expected: List[int], rdir: str,
+                config: str, run_opts: List) -> List[Tuple[int, Dict[str, float]]]:
+    """A run killed while it evaluated after iteration ``p`` resumes from its checkpoint of ``p``
+    (saved just before that evaluation) and does not evaluate ``p`` again: evaluate that
+    checkpoint now (``--eval-only``), so every run has the same curve points. Points without a
+    checkpoint stay missing."""
+    have = {it for it, _ in curve}
+    added = []
+    for p in expected:
+        ckpt = os.path.join(rdir, f"model_{p - 1:07d}.pth")
+        if p in have or not os.path.isfile(ckpt):
+            continue
+        out = os.path.join(rdir, f"eval_at_{p}")
+        _train_net(["--config-file", config, "--eval-only"] + _opts_str(run_opts)
+                   + ["MODEL.WEIGHTS", ckpt, "OUTPUT_DIR", out], os.path.join(out, "eval.log"))
+        with open(os.path.join(out, "eval_results.json")) as f:
+            bbox = json.load(f)["bbox"]
+        added.append((p, {m: bbox[m] for m in METRICS}))
+    return sorted(curve + added)
 
 
 def _schedule(iters: Optional[int]) -> List:
@@ -310,9 +426,11 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: 
 
     Returns {"AP", "AP50", "AP75": float, "weights": path, "weights_sha1": str, "iters": int or
     None (given weights), "given": bool, "cached": bool (nothing was trained or evaluated now),
-    "train_cached": bool or None (given), "eval_cached": bool, "train_key", "eval_key": str}.
+    "train_cached": bool or None (given), "eval_cached": bool, "train_key", "eval_key": str,
+    "resumed_from": [iteration, ...] (module docstring)}.
     """
-    info = {"given": bool(weights), "train_cached": None, "train_key": None, "iters": None}
+    info = {"given": bool(weights), "train_cached": None, "train_key": None, "iters": None,
+            "resumed_from": []}
     if not weights:
         opts = list(data_opts) + ["DATASETS.TEST", "()"] + _schedule(iters)
         config = config or TEACHER_CFG
@@ -322,12 +440,15 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: 
                     "libraries": libraries()}
         tdir = os.path.join(out, f"teacher-{cache_key(material)}")
         weights = os.path.join(tdir, "model_final.pth")
-        done = _load_cached(tdir, material) is not None and os.path.isfile(weights)
+        stored = _load_cached(tdir, material)
+        done = stored is not None and os.path.isfile(weights)
         if not done:
-            _train_net(["--config-file", config] + opts + ["OUTPUT_DIR", tdir],
-                       os.path.join(tdir, "train.log"))
-            _store(tdir, material, {"weights": "model_final.pth"})
-        info.update(train_cached=done, train_key=cache_key(material), iters=material["iters"])
+            resumed = _train_resumable(config, opts, tdir, material["iters"])
+            _remove_periodic_checkpoints(tdir)
+            stored = {"weights": "model_final.pth", "resumed_from": resumed}
+            _store(tdir, material, stored)
+        info.update(train_cached=done, train_key=cache_key(material), iters=material["iters"],
+                    resumed_from=stored.get("resumed_from", []))
     sha1 = file_sha1(weights)
     opts = list(data_opts) + ["MODEL.WEIGHTS", weights]
     material = {"run": "teacher eval", "weights_sha1": sha1,
@@ -388,7 +509,7 @@ def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iter
     matches, else trained now.
 
     Returns {"final": {AP, AP50, AP75}, "curve": [(iteration, {AP, AP50, AP75}), ...], "seed",
-    "label", "iters", "key": str, "cached": bool}.
+    "label", "iters", "key": str, "cached": bool, "resumed_from": [iteration, ...]}.
     """
     config = config or STUDENT_CFG
     base_cfg = base_cfg if base_cfg is not None else student_cfg(data_opts, config)
@@ -400,16 +521,18 @@ def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iter
     rdir = os.path.join(out, "runs", _folder(label), f"seed{seed}-{key}")
     result = _load_cached(rdir, material)
     if result is not None:
-        return dict(result, cached=True)
-    # a run killed before it finished left its metrics.json, to which detectron2 would append
-    stale = os.path.join(rdir, "metrics.json")
-    if os.path.exists(stale):
-        os.remove(stale)
-    _train_net(["--config-file", config] + _opts_str(run_opts) + ["OUTPUT_DIR", rdir],
-               os.path.join(rdir, "train.log"))
-    curve = _read_curve(os.path.join(rdir, "metrics.json"))
+        # the final point of runs stored before curve_point was at iters + 1
+        curve = [(curve_point(it - 1, iters), c) for it, c in result["curve"]]
+        return dict(result, curve=curve, cached=True,
+                    resumed_from=result.get("resumed_from", []))
+    resumed = _train_resumable(config, run_opts, rdir, iters)
+    curve = _read_curve(os.path.join(rdir, "metrics.json"), iters)
+    if resumed:
+        period = max(1, iters // eval_points)
+        curve = _fill_curve(curve, eval_points_of(iters, period), rdir, config, run_opts)
+    _remove_periodic_checkpoints(rdir)
     result = {"final": curve[-1][1], "curve": curve, "seed": seed, "label": label,
-              "iters": iters, "key": key}
+              "iters": iters, "key": key, "resumed_from": resumed}
     _store(rdir, material, result)
     return dict(result, cached=False)
 
@@ -458,8 +581,10 @@ def plot(out_dir: str, teacher: dict, rows: List[dict], runs: Dict[str, List[dic
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, rs) in enumerate(runs.items()):
-        iters = [it for it, _ in rs[0]["curve"]]
-        aps = np.array([[c["AP"] for _, c in r["curve"]] for r in rs])
+        # the points every seed has (a killed run's lost evaluation may be missing)
+        iters = sorted(set.intersection(*({it for it, _ in r["curve"]} for r in rs)))
+        aps = np.array([[dict((it, c) for it, c in r["curve"])[it]["AP"] for it in iters]
+                        for r in rs])
         mean, std = aps.mean(0), aps.std(0)
         color = "#777777" if label == BASELINE else f"C{i - 1}"
         ax.plot(iters, mean, marker="o", label=label, color=color)
@@ -504,13 +629,35 @@ def cached_note(runs: Dict[str, List[dict]]) -> str:
             "same key: iterations, seed, eval points, overrides, merged config, teacher, code)")
 
 
+def resumed_text(resumed: List[int]) -> str:
+    """``resumed at iteration 400`` / ``resumed at iterations 400, 1200``; '' for none."""
+    if not resumed:
+        return ""
+    return (f"resumed at iteration{'s' if len(resumed) > 1 else ''} "
+            + ", ".join(str(i) for i in resumed))
+
+
+def resumed_note(runs: Dict[str, List[dict]]) -> str:
+    """One markdown line naming the student runs that were resumed from a checkpoint (an empty
+    string when none was)."""
+    parts = [f"{label} seed {r['seed']} ({resumed_text(r['resumed_from'])})"
+             for label, rs in runs.items() for r in rs if r.get("resumed_from")]
+    if not parts:
+        return ""
+    return ("resumed runs: " + "; ".join(parts) + " (killed, then continued from a checkpoint: "
+            "not bit-identical to an uninterrupted run, whose data order and random states do "
+            "not restart)")
+
+
 def teacher_note(teacher: dict) -> str:
     """How the teacher was obtained, e.g. ``trained 2000 iterations (cached)``."""
     if teacher["given"]:
         how = f"given ({os.path.basename(teacher['weights'])}, sha1 {teacher['weights_sha1'][:12]})"
     else:
         how = f"trained {teacher['iters']} iterations"
-        how += " (cached)" if teacher["train_cached"] else " (in this invocation)"
+        how += " (cached" if teacher["train_cached"] else " (in this invocation"
+        resumed = resumed_text(teacher.get("resumed_from", []))
+        how += (", " + resumed if resumed else "") + ")"
     return how + ", evaluation " + ("cached" if teacher["eval_cached"] else "run now")
 
 
@@ -555,7 +702,8 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
                             data_opts, s_config)
             runs[label].append(r)
             progress(f"[gain] seed {seed} {label}: AP {r['final']['AP']:.2f}"
-                     + (" (cached)" if r["cached"] else ""))
+                     + (" (cached)" if r["cached"] else "")
+                     + (f" ({resumed_text(r['resumed_from'])})" if r["resumed_from"] else ""))
             if check_teacher and seed == 0 and label == BASELINE:
                 checked = teacher_check(base, baseline_ap=r["final"]["AP"],
                                         teacher_ap=teacher["AP"], dataset_name=test_set)
@@ -579,6 +727,7 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
     section = "shapes" if train_set == "shapes_train" else train_set
     md = (header_lines(f"gain ({section})", info, command) + "\n" + setting + "\n\n" + table
           + "\n\n" + table_note(rows) + cached_note(runs)
+          + ("\n" + resumed_note(runs) if resumed_note(runs) else "")
           + "\n\n![AP per method](gain_ap.png) ![AP vs iteration](gain_curves.png)")
     payload = {"machine": info, "setting": setting, "teacher": teacher, "rows": rows,
                "runs": runs}
