@@ -302,7 +302,8 @@ def _fill_curve(curve: List[Tuple[int, Dict[str, float]]], expected: List[int], 
                    + ["MODEL.WEIGHTS", ckpt, "OUTPUT_DIR", out], os.path.join(out, "eval.log"))
         with open(os.path.join(out, "eval_results.json")) as f:
             bbox = json.load(f)["bbox"]
-        added.append((p, {m: bbox[m] for m in METRICS}))
+        # eval_results.json is strict JSON (null for no value); metrics.json rows have NaN
+        added.append((p, {m: float("nan") if bbox[m] is None else bbox[m] for m in METRICS}))
     return sorted(curve + added)
 
 
