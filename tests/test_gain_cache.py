@@ -3,6 +3,7 @@
 runs are labelled as cached. ``gain._train_net`` is replaced by a fake that writes the files a
 real ``train_net.py`` run would, so nothing is trained here."""
 import json
+import math
 import os
 
 import pytest
@@ -30,6 +31,8 @@ class FakeTrainNet:
         #: (kind, iteration): the next run of that kind dies right after that iteration's
         #: checkpoint, before its evaluation (None: no run dies)
         self.kill = None
+        #: --eval-only writes null APs (a model that detects nothing)
+        self.null_evals = False
 
     def __call__(self, args, log_path):
         args = [str(a) for a in args]
@@ -47,6 +50,8 @@ class FakeTrainNet:
         self.calls.append(None)  # replaced below; a killed call counts too
         if eval_only:
             kind = "eval"
+            if self.null_evals:  # no detections: train_net.py writes strict JSON, null for NaN
+                bbox = dict.fromkeys(bbox)
             with open(os.path.join(out, "eval_results.json"), "w") as f:
                 json.dump({"bbox": bbox}, f)
         else:
@@ -308,6 +313,19 @@ def test_a_run_killed_inside_an_evaluation_gets_that_point_from_its_checkpoint(t
     kind, _, out, args = fake.calls[n + 1]  # the resumed training, then the point's evaluation
     assert kind == "eval" and args[args.index("MODEL.WEIGHTS") + 1].endswith("model_0000399.pth")
     assert base["curve"][1][1]["AP"] == 10.0 + n + 1
+
+
+def test_a_re_run_evaluation_without_detections_is_a_nan_point(tmp_path, fake):
+    """eval_results.json has null where metrics.json has NaN (no detections): the point read
+    from the checkpoint's evaluation is NaN too, and the curve plot is drawn."""
+    fake.kill = ("student", 400)
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(tmp_path)
+    fake.null_evals = True
+    base = _run(tmp_path)["runs"][gain.BASELINE][0]
+    assert [it for it, _ in base["curve"]] == [200, 400, 600]
+    assert all(math.isnan(v) for v in base["curve"][1][1].values())
+    assert (tmp_path / "results" / "gain_curves.png").is_file()
 
 
 def test_an_evaluation_logged_twice_keeps_the_resumed_runs_value(tmp_path, fake):
