@@ -87,6 +87,26 @@ def test_gain_variants_add_runs_and_bad_ones_fail_early():
         gain.check_overrides({"typo": ["MODEL.DISTILL.CSGR.ALPA", "1e-3"]})
 
 
+def test_gain_summary_counts_a_run_that_detected_nothing_as_ap_0():
+    """detectron2 reports NaN for every metric of a model with no detections (a collapsed
+    student); the summary counts it as AP 0 and says so, instead of failing in stdev (old code:
+    AttributeError) or making the mean NaN."""
+    def run(ap, seed):
+        return {"final": {"AP": ap, "AP50": ap + 10, "AP75": ap - 5}, "curve": [], "seed": seed}
+
+    nan = float("nan")
+    teacher = {"AP": 40.0, "AP50": 50.0, "AP75": 35.0}
+    runs = {gain.BASELINE: [run(20.0, 0), run(22.0, 1)], "TAR": [run(28.0, 0), run(nan, 1)]}
+    rows = {r["method"]: r for r in gain.summarize(teacher, runs)}
+    assert rows["TAR"]["AP"] == pytest.approx(14.0)
+    assert rows["TAR"]["AP50"] == pytest.approx(19.0)  # (38 + 0) / 2
+    assert rows["TAR"]["AP_std"] == pytest.approx(19.79899, rel=1e-5)
+    assert rows["TAR"]["no_detection_seeds"] == [1]
+    assert rows[gain.BASELINE]["no_detection_seeds"] == []
+    assert ("TAR seed 1: no detections at the end of training (detectron2 reports NaN), counted "
+            "as AP 0") in gain.table_note(list(rows.values()))
+
+
 def test_gain_summary_arithmetic():
     def run(ap):
         return {"final": {"AP": ap, "AP50": ap + 10, "AP75": ap - 5}, "curve": []}

@@ -32,6 +32,7 @@ on its progress line and in a "resumed runs" footnote (the teacher: on its line)
 """
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -542,15 +543,31 @@ def _mean_std(xs: List[float]) -> Tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
 
+def detected_nothing(metrics: Dict[str, float]) -> bool:
+    """Whether an evaluation's AP is NaN: detectron2's COCOEvaluator reports NaN for every metric
+    when the model made no detection at all ("No predictions from the model!")."""
+    return metrics["AP"] is None or math.isnan(metrics["AP"])
+
+
+def ap_value(metrics: Dict[str, float], m: str) -> float:
+    """Metric ``m`` of an evaluation, 0 for a model that detected nothing (no recall: AP 0 by
+    COCO's definition; detectron2 reports NaN, which would make every mean over seeds NaN)."""
+    return 0.0 if detected_nothing(metrics) else metrics[m]
+
+
 def summarize(teacher: dict, runs: Dict[str, List[dict]]) -> List[dict]:
-    base_ap = [r["final"]["AP"] for r in runs[BASELINE]]
+    """One row per label: AP/AP50/AP75 mean and sample std over seeds, gain over the baseline,
+    share of the teacher-baseline gap closed, whether the gain exceeds 2 std, and
+    ``no_detection_seeds`` (seeds whose final model detected nothing: counted as AP 0)."""
+    base_ap = [ap_value(r["final"], "AP") for r in runs[BASELINE]]
     base_mean, base_std = _mean_std(base_ap)
     gap = teacher["AP"] - base_mean
     rows = []
     for label, rs in runs.items():
-        row = {"method": label, "seeds": len(rs)}
+        row = {"method": label, "seeds": len(rs),
+               "no_detection_seeds": [r["seed"] for r in rs if detected_nothing(r["final"])]}
         for m in METRICS:
-            row[m], row[m + "_std"] = _mean_std([r["final"][m] for r in rs])
+            row[m], row[m + "_std"] = _mean_std([ap_value(r["final"], m) for r in rs])
         row["gain_AP"] = row["AP"] - base_mean
         row["gap_closed_percent"] = 100.0 * row["gain_AP"] / gap if gap > 0 else float("nan")
         row["gain_over_2std"] = row["gain_AP"] > 2 * max(row["AP_std"], base_std)
@@ -584,8 +601,8 @@ def plot(out_dir: str, teacher: dict, rows: List[dict], runs: Dict[str, List[dic
     for i, (label, rs) in enumerate(runs.items()):
         # the points every seed has (a killed run's lost evaluation may be missing)
         iters = sorted(set.intersection(*({it for it, _ in r["curve"]} for r in rs)))
-        aps = np.array([[dict((it, c) for it, c in r["curve"])[it]["AP"] for it in iters]
-                        for r in rs])
+        aps = np.array([[ap_value(dict((it, c) for it, c in r["curve"])[it], "AP")
+                         for it in iters] for r in rs])
         mean, std = aps.mean(0), aps.std(0)
         color = "#777777" if label == BASELINE else f"C{i - 1}"
         ax.plot(iters, mean, marker="o", label=label, color=color)
@@ -616,6 +633,12 @@ def table_note(rows: List[dict]) -> str:
         notes.append(f"{NO_VALUE} : no value (no objects of that size in the validation set)")
     if any(missing(r["gap_closed_percent"]) for r in rows):
         notes.append(f"{NO_VALUE} in gap closed: the teacher does not beat the baseline student")
+    for r in rows:
+        if r.get("no_detection_seeds"):
+            seeds = ",".join(str(k) for k in r["no_detection_seeds"])
+            notes.append(f"{r['method']} seed{'s' if len(r['no_detection_seeds']) > 1 else ''} "
+                         f"{seeds}: no detections at the end of training (detectron2 reports "
+                         "NaN), counted as AP 0")
     return "".join(n + "\n" for n in notes) + ("\n" if notes else "")
 
 
@@ -703,6 +726,8 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
                             data_opts, s_config)
             runs[label].append(r)
             progress(f"[gain] seed {seed} {label}: AP {r['final']['AP']:.2f}"
+                     + (" (no detections: AP 0 in the table)" if detected_nothing(r["final"])
+                        else "")
                      + (" (cached)" if r["cached"] else "")
                      + (f" ({resumed_text(r['resumed_from'])})" if r["resumed_from"] else ""))
             if check_teacher and seed == 0 and label == BASELINE:
