@@ -403,5 +403,14 @@ def test_rcnn_detector_trains_the_faster_rcnn_pair_with_tars_ablation(tmp_path, 
     assert len(students) == 6 and {c[1] for c in students} == {s_config}
     assert {r["method"] for r in payload["rows"]} == {gain.BASELINE, "TAR", *ablation}
     assert "Faster R-CNN" in payload["setting"]
+    # its own section and plots, next to the RetinaNet pair's
+    _run(tmp_path)
+    saved = json.loads((tmp_path / "results" / "gain.json").read_text())
+    assert set(saved) == {"shapes", "shapes, rcnn"}
+    assert "Faster R-CNN" in saved["shapes, rcnn"]["setting"]
+    for name in ("gain_ap", "gain_curves"):
+        assert (tmp_path / "results" / f"{name}_rcnn.png").is_file()
+        assert (tmp_path / "results" / f"{name}.png").is_file()
+    assert "gain_ap_rcnn.png" in (tmp_path / "results" / "gain.md").read_text()
     with pytest.raises(SystemExit, match="--detector 'yolo'"):
         _run(tmp_path, detector="yolo")

@@ -576,7 +576,9 @@ def summarize(teacher: dict, runs: Dict[str, List[dict]]) -> List[dict]:
 
 
 def plot(out_dir: str, teacher: dict, rows: List[dict], runs: Dict[str, List[dict]],
-         test_set: str = "shapes_val") -> None:
+         test_set: str = "shapes_val", suffix: str = "") -> None:
+    """``gain_ap<suffix>.png`` (AP per method) and ``gain_curves<suffix>.png`` (AP vs iteration,
+    seeds' mean +- std) in ``out_dir``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -594,7 +596,7 @@ def plot(out_dir: str, teacher: dict, rows: List[dict], runs: Dict[str, List[dic
     ax.set_ylim(max(0, lo - 2), max(teacher["AP"], max(r["AP"] for r in rows)) + 2)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "gain_ap.png"), dpi=120)
+    fig.savefig(os.path.join(out_dir, f"gain_ap{suffix}.png"), dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -612,7 +614,7 @@ def plot(out_dir: str, teacher: dict, rows: List[dict], runs: Dict[str, List[dic
     ax.set_ylabel(f"AP on {test_set}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "gain_curves.png"), dpi=120)
+    fig.savefig(os.path.join(out_dir, f"gain_curves{suffix}.png"), dpi=120)
     plt.close(fig)
 
 
@@ -751,13 +753,18 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
             "yes" if r["gain_over_2std"] else "no"]
          for r in rows])
     section = "shapes" if train_set == "shapes_train" else train_set
+    # each detector pair has its own section and plots, so their results live side by side
+    suffix = "" if detector == "retinanet" else "_" + detector
+    if detector != "retinanet":
+        section += f", {detector}"
     md = (header_lines(f"gain ({section})", info, command) + "\n" + setting + "\n\n" + table
           + "\n\n" + table_note(rows) + cached_note(runs)
           + ("\n" + resumed_note(runs) if resumed_note(runs) else "")
-          + "\n\n![AP per method](gain_ap.png) ![AP vs iteration](gain_curves.png)")
+          + f"\n\n![AP per method](gain_ap{suffix}.png) "
+          f"![AP vs iteration](gain_curves{suffix}.png)")
     payload = {"machine": info, "setting": setting, "teacher": teacher, "rows": rows,
                "runs": runs}
     os.makedirs(out_dir, exist_ok=True)
-    plot(out_dir, teacher, rows, runs, test_set)
+    plot(out_dir, teacher, rows, runs, test_set, suffix)
     write_results(out_dir, "gain", section, payload, md)
     return payload
