@@ -50,12 +50,14 @@ def test_matching_is_the_brute_force_optimum_of_the_soft_cost(softmax):
 def test_batched_costs_equal_the_per_image_ones(softmax):
     # match_predictions computes every layer's and image's costs in one pass: the same matrices
     from detr.util.box_ops import generalized_box_iou
-    from csgr_distill.distillers.detrdistill import _pairwise_giou
+    from torchvision.ops import generalized_box_iou as tv_generalized_box_iou
     g = torch.Generator().manual_seed(1)
     s_l, t_l = torch.randn(3, 2, 7, 5, generator=g), torch.randn(3, 2, 6, 5, generator=g)
     s_b = torch.rand(3, 2, 7, 4, generator=g) * 0.4 + 0.3
     t_b = torch.rand(3, 2, 6, 4, generator=g) * 0.4 + 0.3
-    giou = _pairwise_giou(_xyxy(s_b), _xyxy(t_b))
+    # the batched GIoU match_predictions uses
+    giou = torch.vmap(tv_generalized_box_iou)(_xyxy(s_b).flatten(0, 1),
+                                              _xyxy(t_b).flatten(0, 1)).view(3, 2, 7, 6)
     cls = soft_class_cost(s_l, t_l, softmax)
     for a in range(3):
         for n in range(2):

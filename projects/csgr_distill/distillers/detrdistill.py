@@ -26,6 +26,7 @@ from detectron2.config import configurable
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchvision.ops import generalized_box_iou, generalized_box_iou_loss
 
 from ..layers.adapters import build_channel_adapter
 from .registry import register_distiller
@@ -52,18 +53,6 @@ def soft_class_cost(s_logits: Tensor, t_logits: Tensor, softmax: bool) -> Tensor
             - s_logits @ torch.sigmoid(t).transpose(-1, -2))
 
 
-def _pairwise_giou(a: Tensor, b: Tensor) -> Tensor:
-    """Generalised IoU of xyxy boxes ``[..., A, 4]`` x ``[..., B, 4]`` -> ``[..., A, B]`` (the
-    batched form of ``detr.util.box_ops.generalized_box_iou``)."""
-    a, b = a[..., :, None, :], b[..., None, :, :]
-    inter = (torch.minimum(a[..., 2:], b[..., 2:])
-             - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
-    union = (a[..., 2:] - a[..., :2]).prod(-1) + (b[..., 2:] - b[..., :2]).prod(-1) - inter
-    hull = (torch.maximum(a[..., 2:], b[..., 2:])
-            - torch.minimum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
-    return inter / union - (hull - union) / hull
-
-
 def match_predictions(s_logits: Tensor, s_boxes: Tensor, t_logits: Tensor, t_boxes: Tensor,
                       softmax: bool, costs=(1.0, 5.0, 2.0)) -> List[Tuple[Tensor, Tensor]]:
     """Per image, the Hungarian matching of the student's predictions ``[N, Qs, .]`` to the
@@ -74,7 +63,8 @@ def match_predictions(s_logits: Tensor, s_boxes: Tensor, t_logits: Tensor, t_box
     with torch.no_grad():
         cost = (costs[0] * soft_class_cost(s_logits, t_logits, softmax)
                 + costs[1] * torch.cdist(s_boxes, t_boxes, p=1)
-                - costs[2] * _pairwise_giou(_box_xyxy(s_boxes), _box_xyxy(t_boxes)))
+                - costs[2] * torch.vmap(generalized_box_iou)(_box_xyxy(s_boxes),
+                                                             _box_xyxy(t_boxes)))
         cost = cost.float().cpu().numpy()
     out = []
     for c in cost:
@@ -181,8 +171,6 @@ class DETRDistillDistiller(nn.Module):
     def pair_losses(self, s_logits, s_boxes, t_logits, t_boxes, pairs, softmax: bool
                     ) -> Dict[str, Tensor]:
         """Class, L1 and GIoU terms on matched pairs (each averaged over the pairs)."""
-        from detr.util.box_ops import generalized_box_iou
-
         si = torch.cat([torch.full_like(i, n) for n, (i, _) in enumerate(pairs)])
         s_idx = torch.cat([i for i, _ in pairs])
         t_idx = torch.cat([j for _, j in pairs])
@@ -197,7 +185,8 @@ class DETRDistillDistiller(nn.Module):
             cls = F.binary_cross_entropy_with_logits(s_l, torch.sigmoid(t_l),
                                                      reduction="sum") / count
         l1 = F.l1_loss(s_b, t_b, reduction="sum") / count
-        giou = (1 - torch.diag(generalized_box_iou(_box_xyxy(s_b), _box_xyxy(t_b)))).sum() / count
+        # element-wise over the pairs (not the diagonal of a [P, P] matrix)
+        giou = generalized_box_iou_loss(_box_xyxy(s_b), _box_xyxy(t_b), reduction="sum") / count
         return {"cls": cls * self.costs[0], "l1": l1 * self.costs[1], "giou": giou * self.costs[2]}
 
     # ---- 2. target-aware features -----------------------------------------------------------
