@@ -252,18 +252,16 @@ def test_cache_entry_with_other_material_is_ignored(tmp_path, fake):
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_from_a_clean_folder(tmp_path,
-                                                                                   fake):
+                                                                                   fake,
+                                                                                   monkeypatch):
     """A run killed before its first checkpoint leaves a metrics.json and nothing to resume from;
     detectron2 appends to that file, so the next attempt must start from an empty one, or its
     curve mixes both attempts."""
     fake.kill = ("student", 300)  # the baseline dies after its first evaluation (200)
-    gain.CHECKPOINT_PERIOD, saved = 1000, gain.CHECKPOINT_PERIOD
-    try:
-        with pytest.raises(RuntimeError, match="killed"):
-            _run(tmp_path)
-        payload = _run(tmp_path)
-    finally:
-        gain.CHECKPOINT_PERIOD = saved
+    monkeypatch.setattr(gain, "CHECKPOINT_PERIOD", 1000)
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(tmp_path)
+    payload = _run(tmp_path)
     base = payload["runs"][gain.BASELINE][0]
     assert [it for it, _ in base["curve"]] == [200, 400, 600]
     assert base["resumed_from"] == [] and base["curve"][0][1]["AP"] == 13.0  # the 2nd attempt's

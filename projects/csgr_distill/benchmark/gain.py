@@ -268,7 +268,6 @@ def _train_resumable(config: str, args: List, rdir: str, iters: int) -> List[int
         except (OSError, ValueError):
             resumed = []
         resumed.append(start)
-        os.makedirs(rdir, exist_ok=True)
         with open(record, "w") as f:
             json.dump(resumed, f)
     train_args = ["--config-file", config] + _opts_str(args) + [
@@ -546,7 +545,7 @@ def _mean_std(xs: List[float]) -> Tuple[float, float]:
 def detected_nothing(metrics: Dict[str, float]) -> bool:
     """Whether an evaluation's AP is NaN: detectron2's COCOEvaluator reports NaN for every metric
     when the model made no detection at all ("No predictions from the model!")."""
-    return metrics["AP"] is None or math.isnan(metrics["AP"])
+    return math.isnan(metrics["AP"])
 
 
 def ap_value(metrics: Dict[str, float], m: str) -> float:
@@ -603,8 +602,7 @@ def plot(out_dir: str, teacher: dict, rows: List[dict], runs: Dict[str, List[dic
     for i, (label, rs) in enumerate(runs.items()):
         # the points every seed has (a killed run's lost evaluation may be missing)
         iters = sorted(set.intersection(*({it for it, _ in r["curve"]} for r in rs)))
-        aps = np.array([[ap_value(dict((it, c) for it, c in r["curve"])[it], "AP")
-                         for it in iters] for r in rs])
+        aps = np.array([[ap_value(dict(r["curve"])[it], "AP") for it in iters] for r in rs])
         mean, std = aps.mean(0), aps.std(0)
         color = "#777777" if label == BASELINE else f"C{i - 1}"
         ax.plot(iters, mean, marker="o", label=label, color=color)
