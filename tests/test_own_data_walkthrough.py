@@ -209,6 +209,7 @@ def test_demo_runs_every_stage_on_the_users_data_and_checks_the_teacher(tmp_path
     name = f"demo_{uuid.uuid4().hex[:6]}"
     (tmp_path / "configs").symlink_to(os.path.join(REPO, "configs"))
     monkeypatch.setattr(demo, "REPO", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # demo.main changes to REPO (tmp_path): restored afterwards
     calls = []
     ap = {"teacher": 3.0, "student_baseline": 5.0, "student_csgr": 5.5}
 
