@@ -167,10 +167,11 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.TAR.TEMPERATURE = 1.0
     # Adaptive regression distillation on the positive shared RoIs (spec), divided by the
     # positive count (spec), whereas the box head's own loss is divided by all sampled RoIs: with
-    # 5-25 % positives the term is 4-20x that loss's scale at equal weight. 0.1 (chosen, paper
-    # value unknown): weight 1 made a demo Faster R-CNN student diverge at iteration ~80 (README,
-    # "Faster R-CNN"); 0.1 trained on both seeds and gained more. Smooth-L1 beta 1.0, Fast
-    # R-CNN's smooth L1 (the paper names smooth L1 without a beta; 0 gives L1).
+    # P positives of R RoIs, equal weights give the term R/P times that loss's gradient per
+    # positive (14-25x in the demo: 5-9 of 128). 0.1 (chosen, paper value unknown): weight 1 made
+    # a demo Faster R-CNN student diverge at iteration ~80 (README, "TAR: chosen values"); 0.1
+    # trained all three seeds and gained more. Smooth-L1 beta 1.0, Fast R-CNN's smooth L1 (the
+    # paper names smooth L1 without a beta; 0 gives L1).
     _C.MODEL.DISTILL.TAR.REG_WEIGHT = 0.1
     _C.MODEL.DISTILL.TAR.REG_BETA = 1.0
     # The teacher's box is a target where its IoU with the matched GT beats the student's box
