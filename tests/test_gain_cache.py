@@ -412,3 +412,26 @@ def test_rcnn_detector_trains_the_faster_rcnn_pair_with_tars_ablation(tmp_path, 
     assert "gain_ap_rcnn.png" in (tmp_path / "results" / "gain.md").read_text()
     with pytest.raises(SystemExit, match="--detector 'yolo'"):
         _run(tmp_path, detector="yolo")
+
+
+def test_first_seed_trains_only_the_later_seeds_and_a_full_run_reuses_them(tmp_path, fake):
+    """``--first-seed 1 --seeds 2`` adds seeds 1-2 (e.g. to a seed-0 table whose work folder is
+    gone); a later run over seeds 0-2 trains seed 0 only and reads the others from the cache."""
+    lines = []
+    later = _run(tmp_path, lines, seeds=2, first_seed=1)
+    seeds_given = [c[3][c[3].index("SEED") + 1] for c in fake.calls if c[0] == "student"]
+    assert seeds_given == ["1", "1", "2", "2"]
+    assert {label: [r["seed"] for r in rs] for label, rs in later["runs"].items()} == {
+        gain.BASELINE: [1, 2], CSGR: [1, 2]}
+    assert "seeds 1..2" in (tmp_path / "results" / "gain.md").read_text()
+    assert any(m.startswith("[gain] teacher check") for m in lines)  # on the first seed run
+    full = _run(tmp_path, seeds=3)
+    assert fake.count("student") == 6  # seed 0 of both labels only
+    assert _cached(full) == {gain.BASELINE: [False, True, True], CSGR: [False, True, True]}
+    assert "seeds 0..2" in (tmp_path / "results" / "gain.md").read_text()
+
+
+def test_no_seed_is_refused_with_the_flags_named(tmp_path, fake):
+    with pytest.raises(SystemExit, match="--seeds 0 --first-seed 0"):
+        _run(tmp_path, seeds=0)
+    assert fake.calls == []

@@ -37,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="overhead/kernels: cpu or cuda")
     g = p.add_argument_group("gain")
     g.add_argument("--seeds", type=int, default=3)
+    g.add_argument("--first-seed", type=int, default=0,
+                   help="seeds --first-seed .. --first-seed + --seeds - 1 (e.g. add seeds 1-2 to a "
+                        "seed-0 run whose work folder is gone: --first-seed 1 --seeds 2)")
     g.add_argument("--iters", type=int, default=None, help="student iterations (default: their config, 600)")
     g.add_argument("--teacher-iters", type=int, default=None, help="default: its config (2000)")
     g.add_argument("--teacher-weights", default=None, help="reuse a trained demo teacher")
@@ -104,7 +107,8 @@ def main(argv=None):
                          width=args.width or 640, batch=args.batch, repeats=args.repeats or 8,
                          detectors=args.detectors, command=command)
         else:
-            gain.run(args.results, args.work_dir, seeds=args.seeds, iters=args.iters,
+            gain.run(args.results, args.work_dir, seeds=args.seeds, first_seed=args.first_seed,
+                     iters=args.iters,
                      teacher_iters=args.teacher_iters, teacher_weights=args.teacher_weights,
                      methods=args.methods,
                      variants=dict(gain.parse_variant(v) for v in args.variant),

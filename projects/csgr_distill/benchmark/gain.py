@@ -690,11 +690,11 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
         methods: Optional[List[str]] = None, variants: Optional[Dict[str, List]] = None,
         eval_points: int = 3, command: str = "", progress=print,
         data_opts: Sequence[str] = (), check_teacher: bool = True,
-        detector: str = "retinanet") -> dict:
-    """Train (or read from the cache) the teacher and every planned student run, write
-    ``gain.json``/``gain.md`` and the plots to ``out_dir``; returns the payload {"machine",
-    "setting", "teacher" (:func:`train_teacher`), "rows" (:func:`summarize`), "runs" (label ->
-    [:func:`run_student` result per seed])}.
+        detector: str = "retinanet", first_seed: int = 0) -> dict:
+    """Train (or read from the cache) the teacher and every planned student run on seeds
+    ``first_seed .. first_seed + seeds - 1``, write ``gain.json``/``gain.md`` and the plots to
+    ``out_dir``; returns the payload {"machine", "setting", "teacher" (:func:`train_teacher`),
+    "rows" (:func:`summarize`), "runs" (label -> [:func:`run_student` result per seed])}.
 
     ``data_opts``: overrides that move every run onto other data
     (:func:`csgr_distill.data.pipeline_overrides`; the results section is then named after the
@@ -703,6 +703,9 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
     :data:`DETECTORS` (the teacher and student configs)."""
     from ..teacher import teacher_check
 
+    if seeds < 1 or first_seed < 0:
+        raise SystemExit(f"--seeds {seeds} --first-seed {first_seed}: give at least one seed and "
+                         "a first seed >= 0")
     if detector not in DETECTORS:
         raise SystemExit(f"--detector {detector!r}: use one of {list(DETECTORS)}")
     t_config, s_config, description = DETECTORS[detector]
@@ -720,7 +723,7 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
              + f": {teacher_note(teacher)}")
     iters = iters or int(base.SOLVER.MAX_ITER)
     runs: Dict[str, List[dict]] = {label: [] for label in plan}
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         for label, opts in plan.items():
             r = run_student(work_dir, label, opts, seed, teacher, iters, eval_points, code, base,
                             data_opts, s_config)
@@ -730,7 +733,7 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
                         else "")
                      + (" (cached)" if r["cached"] else "")
                      + (f" ({resumed_text(r['resumed_from'])})" if r["resumed_from"] else ""))
-            if check_teacher and seed == 0 and label == BASELINE:
+            if check_teacher and seed == first_seed and label == BASELINE:
                 checked = teacher_check(base, baseline_ap=r["final"]["AP"],
                                         teacher_ap=teacher["AP"], dataset_name=test_set)
                 progress(f"[gain] teacher check: teacher AP {teacher['AP']:.2f}, baseline "
@@ -740,10 +743,9 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
     rows = summarize(teacher, runs)
     info = machine_info(str(base.MODEL.DEVICE))  # where train_net.py ran (--opts MODEL.DEVICE)
     setting = (f"{train_set} -> {test_set}; {description} ({t_config}, {s_config}), students "
-               f"trained {iters} iterations each, "
-               f"seeds 0..{seeds - 1}; teacher AP {teacher['AP']:.2f} / AP50 "
-               f"{teacher['AP50']:.2f} / AP75 {teacher['AP75']:.2f} "
-               f"(teacher {teacher_note(teacher)})")
+               f"trained {iters} iterations each, seeds {first_seed}..{first_seed + seeds - 1}; "
+               f"teacher AP {teacher['AP']:.2f} / AP50 {teacher['AP50']:.2f} / AP75 "
+               f"{teacher['AP75']:.2f} (teacher {teacher_note(teacher)})")
     table = markdown_table(
         ["method", "AP", "AP50", "AP75", "gain AP", "gap closed (%)", "gain > 2 std"],
         [[r["method"]] + [mean_std_cell(r[m], r[m + "_std"]) for m in METRICS]
