@@ -107,6 +107,28 @@ def test_gain_summary_counts_a_run_that_detected_nothing_as_ap_0():
             "as AP 0") in gain.table_note(list(rows.values()))
 
 
+def test_gain_bar_chart_starts_at_zero(tmp_path, monkeypatch):
+    """AP bars are lengths: the axis starts at 0 however high every AP is (old code raised the
+    floor to the lowest mean - 2 std - 2, 16 AP on the Faster R-CNN table, which drew a 38 AP
+    bar 4x as long as a 21 AP one) and reaches above the highest bar's error bar."""
+    import matplotlib.figure
+
+    limits = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: limits.append(fig.axes[0].get_ylim()))
+
+    def run(ap):
+        return {"final": {"AP": ap, "AP50": ap + 10, "AP75": ap - 5},
+                "curve": [[600, {"AP": ap}]]}
+
+    teacher = {"AP": 65.0, "AP50": 80.0, "AP75": 70.0}
+    runs = {gain.BASELINE: [run(20.0), run(22.0)], "CSGR": [run(66.0), run(70.0)]}
+    gain.plot(str(tmp_path), teacher, gain.summarize(teacher, runs), runs)
+    bottom, top = limits[0]  # the bar chart is saved first
+    assert bottom == 0
+    assert top >= 68.0 + 2.8284  # mean + sample std of CSGR
+
+
 def test_gain_summary_arithmetic():
     def run(ap):
         return {"final": {"AP": ap, "AP50": ap + 10, "AP75": ap - 5}, "curve": []}
