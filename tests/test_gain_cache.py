@@ -154,6 +154,28 @@ def test_changed_iterations_retrain_every_student(tmp_path, fake):
     assert fake.count("student") == 4
 
 
+def test_other_iterations_get_their_own_results_section_and_plots(tmp_path, fake):
+    """``--iters 2000`` or ``--teacher-iters 6000`` into the same results folder adds a section
+    and plots next to the default setting's instead of overwriting them (they replaced the
+    600-iteration table and its plots before)."""
+    default = _run(tmp_path)
+    longer = _run(tmp_path, iters=2000)
+    both = _run(tmp_path, iters=2000, teacher_iters=3000)
+    saved = json.loads((tmp_path / "results" / "gain.json").read_text())
+    assert set(saved) == {"shapes", "shapes, 2000 iterations",
+                          "shapes, 2000 iterations, teacher 3000 iterations"}
+    for section, payload in zip(saved, (default, longer, both)):
+        assert saved[section]["setting"] == payload["setting"]
+    md = (tmp_path / "results" / "gain.md").read_text()
+    for suffix in ("", "_2000it", "_2000it_teacher3000it"):
+        for name in ("gain_ap", "gain_curves"):
+            assert (tmp_path / "results" / f"{name}{suffix}.png").is_file()
+        assert f"(gain_ap{suffix}.png)" in md
+    assert "trained 600 iterations each" in saved["shapes"]["setting"]
+    assert gain.results_name("shapes_train", "rcnn", 600, 600, {"iters": None}, gain.TEACHER_CFG) \
+        == ("shapes, rcnn", "_rcnn")
+
+
 def test_changed_variant_overrides_retrain_only_that_run(tmp_path, fake):
     alpha = "MODEL.DISTILL.CSGR.ALPHA"
     v1 = {"CSGR x2": ["MODEL.DISTILL.METHODS", "['CSGR']", alpha, "1e-3"]}

@@ -685,6 +685,31 @@ def teacher_note(teacher: dict) -> str:
     return how + ", evaluation " + ("cached" if teacher["eval_cached"] else "run now")
 
 
+def results_name(train_set: str, detector: str, iters: int, default_iters: int, teacher: dict,
+                 t_config: str, data_opts: Sequence[str] = ()) -> Tuple[str, str]:
+    """The section of ``gain.json``/``gain.md`` and the suffix of the plot files of one setting,
+    so that settings live side by side instead of replacing each other: the training set, the
+    detector pair when it is not the default RetinaNet, the student iterations when they are not
+    the student config's, the teacher's when a trained teacher's are not its config's.
+
+    ``("shapes_train", "rcnn", 2000, 600, {"iters": 6000, ...}, <2000-iteration config>)`` ->
+    ``("shapes, rcnn, 2000 iterations, teacher 6000 iterations", "_rcnn_2000it_teacher6000it")``;
+    the defaults -> ``("shapes", "")``."""
+    parts, tags = [], []
+    if detector != "retinanet":
+        parts.append(detector)
+        tags.append(detector)
+    if iters != default_iters:
+        parts.append(f"{iters} iterations")
+        tags.append(f"{iters}it")
+    if teacher["iters"] is not None:  # None: given weights
+        if teacher["iters"] != int(teacher_cfg(list(data_opts), t_config).SOLVER.MAX_ITER):
+            parts.append(f"teacher {teacher['iters']} iterations")
+            tags.append(f"teacher{teacher['iters']}it")
+    section = ", ".join(["shapes" if train_set == "shapes_train" else train_set] + parts)
+    return section, "".join("_" + t for t in tags)
+
+
 def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None,
         teacher_iters: Optional[int] = None, teacher_weights: Optional[str] = None,
         methods: Optional[List[str]] = None, variants: Optional[Dict[str, List]] = None,
@@ -752,11 +777,8 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
          + [number_cell(r["gain_AP"], "+.2f"), number_cell(r["gap_closed_percent"], ".0f"),
             "yes" if r["gain_over_2std"] else "no"]
          for r in rows])
-    section = "shapes" if train_set == "shapes_train" else train_set
-    # each detector pair has its own section and plots, so their results live side by side
-    suffix = "" if detector == "retinanet" else "_" + detector
-    if detector != "retinanet":
-        section += f", {detector}"
+    section, suffix = results_name(train_set, detector, iters, int(base.SOLVER.MAX_ITER),
+                                   teacher, t_config, data_opts)
     md = (header_lines(f"gain ({section})", info, command) + "\n" + setting + "\n\n" + table
           + "\n\n" + table_note(rows) + cached_note(runs)
           + ("\n" + resumed_note(runs) if resumed_note(runs) else "")
