@@ -102,6 +102,8 @@ def test_default_run_distils_with_csgr_as_before(repo, tiny_shapes):
     assert list(saved["results"]) == ["teacher R18-wide", "student R18 (baseline)",
                                       "student R18 + CSGR"]
     assert not list((root / "output/demo").glob("results_*"))
+    assert json.loads((root / "output/demo/results.json").read_text())["smoke_run"] is False
+    assert not report.startswith("**SMOKE")
 
 
 def test_method_trains_its_demo_config_into_its_own_folder(repo, tiny_shapes):
@@ -130,6 +132,38 @@ def test_method_trains_its_demo_config_into_its_own_folder(repo, tiny_shapes):
     assert "TOY gain over the baseline student: +2.00 AP (50% of" in report
     assert (root / "output/demo/results_toy.png").is_file()
     assert not (root / "output/demo/results.md").exists()  # the CSGR table is not overwritten
+
+
+def test_quick_is_a_labelled_smoke_run_in_its_own_folder(repo, tiny_shapes):
+    """--quick: teacher 300 and students 100 iterations (lr steps at the same fractions), every
+    run, evaluation, table and picture under output/demo_quick/ (the full demo's files are not
+    touched), the students distil from that run's teacher, and the table, json and chart say
+    it is a smoke run."""
+    root, calls, checked = repo
+    _run(["--quick"], tiny_shapes)
+    trains = _train_calls(calls)
+    assert [(_value(c, "OUTPUT_DIR"), _value(c, "SOLVER.MAX_ITER")) for c in trains] == [
+        ("output/demo_quick/teacher", "300"), ("output/demo_quick/student_baseline", "100"),
+        ("output/demo_quick/student_csgr", "100")]
+    assert all(_value(c, "SOLVER.STEPS") == "(0.8, 0.95)" for c in trains)
+    assert {_value(c, "MODEL.DISTILL.TEACHER.WEIGHTS") for c in trains} == {
+        "output/demo_quick/teacher/model_final.pth"}
+    assert [cfg.MODEL.DISTILL.TEACHER.WEIGHTS for cfg in checked] == [
+        "output/demo_quick/teacher/model_final.pth"]
+    evals = [c for c in calls if "--eval-only" in c]
+    assert [_value(c, "MODEL.WEIGHTS") for c in evals] == [
+        "output/demo_quick/teacher/model_final.pth",
+        "output/demo_quick/student_baseline/model_final.pth",
+        "output/demo_quick/student_csgr/model_final_student.pth"]
+    assert all(_value(c, "OUTPUT_DIR").startswith("output/demo_quick/eval/") for c in evals)
+    pictures = [_value(c, "--output") for c in calls if c[0] == "tools/visualize.py"]
+    assert pictures == ["output/demo_quick/vis", "output/demo_quick/vis/baseline"]
+    report = (root / "output/demo_quick/results.md").read_text()
+    assert report.startswith("**SMOKE RUN (--quick)")
+    assert "students trained 100 iterations each" in report
+    assert json.loads((root / "output/demo_quick/results.json").read_text())["smoke_run"] is True
+    assert (root / "output/demo_quick/results.png").is_file()
+    assert not (root / "output/demo").exists()
 
 
 @pytest.mark.parametrize("method,why", [

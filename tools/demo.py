@@ -7,6 +7,12 @@ distilled student (CSGR by default; same iterations) -> evaluate it (--eval-only
 exported plain checkpoint) -> table (markdown + json), bar chart, visualizations, all under
 ``output/demo/``.
 
+A smoke run of the whole loop, pictures included, in a few minutes (teacher 300 and students 100
+iterations, everything under ``output/demo_quick/``; its table, json and chart say that it is a
+smoke run, whose numbers measure nothing)::
+
+    tools/demo.py --quick
+
 Another method instead of CSGR (``--method NAME``: a registered distiller with a demo config
 ``configs/demo/<NAME>-RetinaNet-R18.yaml``; an unknown one is an error listing those available)::
 
@@ -49,23 +55,31 @@ DEFAULT_METHOD = "CSGR"
 #: a method's demo config is ``configs/demo/<NAME><this>``
 METHOD_CONFIG_SUFFIX = "-RetinaNet-R18.yaml"
 
-#: name -> (config, weights to evaluate, config used for evaluation); the distilled student's
-#: entry comes from :func:`models_for`
+#: where the demo writes (``--quick``: :data:`QUICK_ROOT`)
+DEFAULT_ROOT = "output/demo"
+QUICK_ROOT = "output/demo_quick"
+#: ``--quick``: teacher and student iterations of the smoke run (the whole loop, pictures
+#: included, in a few minutes; its numbers show that the loop works, not what a method gains)
+QUICK_ITERS = {"teacher": 300, "student": 100}
+
+#: name -> (config, run folder under the demo's root, weights file in it, config used for
+#: evaluation); the distilled student's entry comes from :func:`models_for`
 MODELS = {
-    "teacher R18-wide": ("teacher-RetinaNet-R18-wide.yaml", "output/demo/teacher/model_final.pth",
-                    "teacher-RetinaNet-R18-wide.yaml"),
-    "student R18 (baseline)": ("student-RetinaNet-R18.yaml",
-                               "output/demo/student_baseline/model_final.pth",
-                               "student-RetinaNet-R18.yaml"),
+    "teacher R18-wide": ("teacher-RetinaNet-R18-wide.yaml", "teacher", "model_final.pth",
+                         "teacher-RetinaNet-R18-wide.yaml"),
+    "student R18 (baseline)": ("student-RetinaNet-R18.yaml", "student_baseline",
+                               "model_final.pth", "student-RetinaNet-R18.yaml"),
 }
 #: rough relative cost of each stage on the 2-core reference machine (seconds), for the ETA only
 STAGE_COST = {"data": 10, "teacher": 550, "baseline": 130, "check": 30, "distill": 170,
               "eval": 15, "report": 15}
+#: --quick's stages cost about this share of the full demo's (for the ETA only)
+QUICK_SCALE = 0.15
 
 
-def student_dir(method: str) -> str:
-    """``output/demo/student_<method lower>``: the distilled student's run."""
-    return f"output/demo/student_{method.lower()}"
+def student_dir(method: str, root: str = DEFAULT_ROOT) -> str:
+    """``<root>/student_<method lower>``: the distilled student's run."""
+    return f"{root}/student_{method.lower()}"
 
 
 def distilled_name(method: str) -> str:
@@ -78,8 +92,8 @@ def models_for(method: str) -> dict:
     ``configs/demo/<method><METHOD_CONFIG_SUFFIX>`` into :func:`student_dir`, evaluated from its
     exported checkpoint with the *plain* student config."""
     return dict(MODELS, **{distilled_name(method): (
-        method + METHOD_CONFIG_SUFFIX, student_dir(method) + "/model_final_student.pth",
-        "student-RetinaNet-R18.yaml")})
+        method + METHOD_CONFIG_SUFFIX, os.path.basename(student_dir(method)),
+        "model_final_student.pth", "student-RetinaNet-R18.yaml")})
 
 
 def available_methods():
@@ -133,8 +147,9 @@ def fmt(seconds: float) -> str:
 class Progress:
     """Prints one line per stage: index, name, stage time, elapsed, ETA (scaled by observed speed)."""
 
-    def __init__(self, stages):
+    def __init__(self, stages, scale: float = 1.0):
         self.stages = stages
+        self.scale = float(scale)  # the stage costs of a shorter run (--quick)
         self.t0 = time.time()
         self.done_est = 0.0
         self.done_real = 0.0
@@ -147,10 +162,10 @@ class Progress:
         took = time.time() - t
         elapsed = time.time() - self.t0
         if key != "data":  # scale the estimates by this machine's speed on the heavy stages
-            self.done_est += STAGE_COST[key]
+            self.done_est += STAGE_COST[key] * self.scale
             self.done_real += took
         speed = self.done_real / self.done_est if self.done_est else 1.0
-        remaining = sum(STAGE_COST[k] for k in self.stages[i:]) * speed
+        remaining = sum(STAGE_COST[k] for k in self.stages[i:]) * speed * self.scale
         print(f"[{i}/{len(self.stages)}] {title}: done in {fmt(took)} | elapsed {fmt(elapsed)} | "
               f"ETA {fmt(remaining)}", flush=True)
         return result
@@ -172,27 +187,42 @@ def run_tool(args, log_path):
         raise CliError(f"{args[0]} failed (exit code {code}): {said}\n(whole output: {log_path})")
 
 
-def train(config, opts, log_name):
-    # No evaluation during training: the eval stage evaluates every model the same way.
-    run_tool(["tools/train_net.py", "--config-file", os.path.join(DEMO_CFG, config)] + opts
-             + ["DATASETS.TEST", "()"], os.path.join("output/demo/logs", log_name + ".log"))
+def train(config, run_dir, opts, root=DEFAULT_ROOT):
+    """Train ``configs/demo/<config>`` into ``<root>/<run_dir>`` (no evaluation during training:
+    the eval stage evaluates every model the same way)."""
+    run_tool(["tools/train_net.py", "--config-file", os.path.join(DEMO_CFG, config),
+              "OUTPUT_DIR", f"{root}/{run_dir}"] + opts + ["DATASETS.TEST", "()"],
+             os.path.join(root, "logs", run_dir + ".log"))
 
 
-def evaluate(name, opts, models=MODELS):
-    _, weights, eval_cfg = models[name]
-    out_dir = os.path.join("output/demo/eval", name.split(" (")[0].replace(" + ", "_")
+def weights_of(name, models, root=DEFAULT_ROOT) -> str:
+    """The weights file of model ``name`` (``<root>/<run>/<file>``)."""
+    _, run_dir, weights, _ = models[name]
+    return f"{root}/{run_dir}/{weights}"
+
+
+def evaluate(name, opts, models=MODELS, root=DEFAULT_ROOT):
+    eval_cfg = models[name][3]
+    out_dir = os.path.join(root, "eval", name.split(" (")[0].replace(" + ", "_")
                            .replace(" ", "_").lower())
     run_tool(["tools/train_net.py", "--config-file", os.path.join(DEMO_CFG, eval_cfg),
-              "--eval-only", "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out_dir] + opts,
-             os.path.join("output/demo/logs", "eval_" + os.path.basename(out_dir) + ".log"))
+              "--eval-only", "MODEL.WEIGHTS", weights_of(name, models, root),
+              "OUTPUT_DIR", out_dir] + opts,
+             os.path.join(root, "logs", "eval_" + os.path.basename(out_dir) + ".log"))
     with open(os.path.join(REPO, out_dir, "eval_results.json")) as f:
         return json.load(f)["bbox"]
 
 
+#: the label of a ``--quick`` run's table, chart and json
+SMOKE_LABEL = ("SMOKE RUN (--quick): a few hundred iterations, to show the whole loop works; "
+               "these numbers say nothing about what the method gains")
+
+
 def write_report(results, out_dir, iters, train_set="shapes_train", test_set="shapes_val",
-                 method=DEFAULT_METHOD, suffix=""):
+                 method=DEFAULT_METHOD, suffix="", smoke=False):
     """Markdown + json table and a bar chart (``results<suffix>.{md,json,png}``) of the teacher,
-    the baseline and the student distilled by ``method``; returns the markdown."""
+    the baseline and the student distilled by ``method``; returns the markdown. ``smoke``: a
+    ``--quick`` run, labelled :data:`SMOKE_LABEL` in all three."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,7 +233,8 @@ def write_report(results, out_dir, iters, train_set="shapes_train", test_set="sh
     from csgr_distill.benchmark.common import missing as missing_value
 
     names = list(results)
-    lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    lines = [f"**{SMOKE_LABEL}.**", ""] if smoke else []
+    lines += ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(fmt_metric(results[n].get(m)) for m in METRICS)
                      + " |")
@@ -225,8 +256,8 @@ def write_report(results, out_dir, iters, train_set="shapes_train", test_set="sh
         f.write(md + "\n")
     with open(os.path.join(out_dir, f"results{suffix}.json"), "w") as f:
         json.dump({"results": results, "student_iters": iters,
-                   "gain_AP": student["AP"] - base["AP"], "gap_closed_percent": closed}, f, indent=2,
-                  allow_nan=False)
+                   "gain_AP": student["AP"] - base["AP"], "gap_closed_percent": closed,
+                   "smoke_run": bool(smoke)}, f, indent=2, allow_nan=False)
 
     x = np.arange(len(METRICS))
     width = 0.8 / len(names)
@@ -238,7 +269,9 @@ def write_report(results, out_dir, iters, train_set="shapes_train", test_set="sh
     ax.set_xticks(x, [m if any(not missing_value(results[n].get(m)) for n in names)
                       else f"{m}\n({NO_VALUE}: no objects)" for m in METRICS])
     ax.set_ylabel(f"metric on {test_set}")
-    ax.set_title(f"Demo: teacher vs baseline student vs {method}-distilled student")
+    title = f"Demo: teacher vs baseline student vs {method}-distilled student"
+    ax.set_title(title + ("\nSMOKE RUN (--quick): the loop works; not a measure of the gain"
+                          if smoke else ""), color="firebrick" if smoke else "black")
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, f"results{suffix}.png"), dpi=120)
@@ -266,6 +299,11 @@ def main(argv=None):
                              "count follows its classes")
     parser.add_argument("--test", default=None, metavar="NAME",
                         help="evaluate and draw on this dataset (default shapes_val)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: teacher {QUICK_ITERS['teacher']} and students "
+                             f"{QUICK_ITERS['student']} iterations, everything (table, chart, "
+                             f"pictures) under {QUICK_ROOT}/, labelled as a smoke run; a few "
+                             "minutes instead of ~40 on a 2-core CPU")
     parser.add_argument("--no-teacher-check", action="store_true",
                         help="skip the teacher check (before distilling: a loud warning when the "
                              "teacher does not beat the baseline student)")
@@ -278,39 +316,50 @@ def main(argv=None):
     models = models_for(method)
     distilled = distilled_name(method)
     suffix = "" if method == DEFAULT_METHOD else "_" + method.lower()
-    out_dir = "output/demo"
+    out_dir = QUICK_ROOT if args.quick else DEFAULT_ROOT
     os.makedirs(out_dir, exist_ok=True)
+    teacher_iters, student_iters = args.teacher_iters, args.student_iters
+    if args.quick:
+        teacher_iters = teacher_iters or QUICK_ITERS["teacher"]
+        student_iters = student_iters or QUICK_ITERS["student"]
 
     def iters_opts(n):
         # the lr steps at the same fractions of the schedule (csgr_distill.config.scale_schedule)
         return [] if n is None else ["SOLVER.MAX_ITER", str(n), "SOLVER.STEPS", "(0.8, 0.95)"]
 
     stages = ["data", "teacher", "baseline", "check", "distill", "eval", "report"]
-    progress = Progress(stages)
+    progress = Progress(stages, scale=QUICK_SCALE if args.quick else 1.0)
     common = []
 
     def data():
         import csgr_distill.data as D
         from detectron2.data import DatasetCatalog
 
-        common[:] = D.pipeline_overrides(args.register_dataset, args.train, args.test) + list(
-            args.opts)
+        # the students distil from this run's teacher (the yamls name output/demo/teacher)
+        common[:] = (D.pipeline_overrides(args.register_dataset, args.train, args.test)
+                     + ["MODEL.DISTILL.TEACHER.WEIGHTS", weights_of("teacher R18-wide", models,
+                                                                      out_dir)]
+                     + list(args.opts))
         return {s: len(DatasetCatalog.get(n)) for s, n in (("train", train_set), ("val", test_set))}
 
     train_set, test_set = args.train or "shapes_train", args.test or "shapes_val"
     sizes = progress.run("data", "register / generate the data", data)
     print(f"      {train_set}: {sizes['train']} images, {test_set}: {sizes['val']} images")
+    if args.quick:
+        print(f"      smoke run (--quick): teacher {teacher_iters}, students {student_iters} "
+              f"iterations, into {out_dir}/")
     progress.run("teacher", "train teacher (RetinaNet R18-FPN, wide FPN and head)",
-                 lambda: train(models["teacher R18-wide"][0],
-                               common + iters_opts(args.teacher_iters), "teacher"))
+                 lambda: train(models["teacher R18-wide"][0], models["teacher R18-wide"][1],
+                               common + iters_opts(teacher_iters), out_dir))
     progress.run("baseline", "train baseline student (RetinaNet R18-FPN)",
                  lambda: train(models["student R18 (baseline)"][0],
-                               common + iters_opts(args.student_iters), "student_baseline"))
+                               models["student R18 (baseline)"][1],
+                               common + iters_opts(student_iters), out_dir))
     results = {}
 
     def check():
         for name in ("teacher R18-wide", "student R18 (baseline)"):
-            results[name] = evaluate(name, common, models)
+            results[name] = evaluate(name, common, models, out_dir)
         if not args.no_teacher_check:
             from csgr_distill.config import load_config
             from csgr_distill.teacher import teacher_check
@@ -323,12 +372,11 @@ def main(argv=None):
     progress.run("check", f"evaluate teacher and baseline on {test_set}, teacher check", check)
     # OUTPUT_DIR given, not left to the method's yaml: the evaluation reads the run from there
     progress.run("distill", f"train {method} student (RetinaNet R18-FPN <- wide R18 teacher)",
-                 lambda: train(models[distilled][0],
-                               ["OUTPUT_DIR", student_dir(method)] + common
-                               + iters_opts(args.student_iters),
-                               os.path.basename(student_dir(method))))
+                 lambda: train(models[distilled][0], models[distilled][1],
+                               common + iters_opts(student_iters), out_dir))
     progress.run("eval", f"evaluate the {method} student on {test_set} (--eval-only)",
-                 lambda: results.update({distilled: evaluate(distilled, common, models)}))
+                 lambda: results.update({distilled: evaluate(distilled, common, models,
+                                                             out_dir)}))
     results = {n: results[n] for n in models}
 
     def report():
@@ -338,19 +386,21 @@ def main(argv=None):
         cfg = get_cfg()
         add_distill_config(cfg)
         cfg.merge_from_file(os.path.join(DEMO_CFG, "student-RetinaNet-R18.yaml"))
-        iters = args.student_iters or cfg.SOLVER.MAX_ITER
-        md = write_report(results, out_dir, iters, train_set, test_set, method, suffix)
+        iters = student_iters or cfg.SOLVER.MAX_ITER
+        md = write_report(results, out_dir, iters, train_set, test_set, method, suffix,
+                          smoke=args.quick)
         # ground truth | teacher | student, each model's 10 best boxes >= 0.05 (the students'
         # scores are low: a fixed 0.4 threshold would show nothing), the method's own pictures
         # (tools/visualize.py draws what it can for that config, e.g. CSGR's attention maps; the
         # training checkpoint holds the distiller's parts); then the same images for the
         # baseline student, to compare
-        for config, weights, vis_dir, log in (
-                (models[distilled][0], student_dir(method) + "/model_final.pth", "vis" + suffix,
+        for name, weights, vis_dir, log in (
+                (distilled, student_dir(method, out_dir) + "/model_final.pth", "vis" + suffix,
                  "visualize" + suffix),
-                ("student-RetinaNet-R18.yaml", "output/demo/student_baseline/model_final.pth",
+                ("student R18 (baseline)", weights_of("student R18 (baseline)", models, out_dir),
                  os.path.join("vis" + suffix, "baseline"), "visualize_baseline" + suffix)):
-            run_tool(["tools/visualize.py", "--config-file", os.path.join(DEMO_CFG, config),
+            run_tool(["tools/visualize.py", "--config-file", os.path.join(DEMO_CFG,
+                                                                           models[name][0]),
                       "--weights", weights, "--dataset", test_set, "--num-images", "3",
                       "--top-k", "10", "--score-floor", "0.05",
                       "--output", os.path.join(out_dir, vis_dir)] + common,
@@ -365,6 +415,8 @@ def main(argv=None):
           f"vis{suffix}/*.png (baseline student: vis{suffix}/baseline/), logs/*.log")
     print(f"Total time {fmt(time.time() - progress.t0)}. Benchmarks of every method: README "
           "'Results' (tools/benchmark.py).")
+    if args.quick:
+        print(f"{SMOKE_LABEL}. The full demo: tools/demo.py (make demo).")
 
 
 if __name__ == "__main__":
