@@ -1,8 +1,11 @@
-"""DETRDistill (shared/methods/DETRDistill.md) against hand-computed cases: matching with the soft
-class cost against a brute-force permutation search, each loss on a hand case (soft-target BCE,
-temperature KL, the target-aware mask with its floor and per-image maximum, quality with and
-without GT), the query-prior pass (teacher's queries and assignment; absent at inference and in
-the export), gradients, configs and 2-iteration runs."""
+"""DETRDistill (docs/methods/DETRDistill.md) against hand-computed cases: matching with the soft
+class cost against a brute-force permutation search, the teacher's boxes clipped to the image
+before the matching and the pair losses (the authors' code) on a hand case where it changes both,
+each loss on a hand case (soft-target BCE, temperature KL, the target-aware mask with its floor
+and per-image maximum, quality with and without GT), the contrastive term against a
+re-implementation of the authors' formula, the query-prior pass (teacher's queries, each layer's
+or the last layer's teacher assignment; absent at inference and in the export), gradients,
+configs and 2-iteration runs."""
 import itertools
 import math
 import os
@@ -15,8 +18,10 @@ from detectron2.utils.events import EventStorage
 from torch.nn import functional as F
 
 from csgr_distill.config import load_config
-from csgr_distill.distillers.detrdistill import (DETRDistillDistiller, match_predictions,
-                                                 soft_class_cost, target_aware_mask)
+from csgr_distill.distillers.detrdistill import (DETRDistillDistiller, clip_to_image,
+                                                 match_predictions, soft_class_cost,
+                                                 target_aware_mask)
+from csgr_distill.outputs import DetectorOutputs
 from tiny import REPO, fake_batch, logged_keys, train_opts, write_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,6 +146,160 @@ def test_quality_is_score_times_max_iou_or_the_score_without_gt():
     assert torch.allclose(c, torch.sigmoid(torch.tensor([3.0, 1.0])))
 
 
+def _record(logits, boxes, softmax=False, **fields):
+    """A hand-built DETR record: ``logits`` ``[L, N, Q, C]``, ``boxes`` ``[L, N, Q, 4]``."""
+    n = logits.shape[1]
+    return DetectorOutputs("detr", [(100, 100)] * n, (100, 100), pred_logits=logits,
+                           pred_boxes=boxes, softmax=softmax, **fields)
+
+
+def _gt(n):
+    from detectron2.structures import Boxes, Instances
+    out = []
+    for _ in range(n):
+        inst = Instances((100, 100))
+        inst.gt_boxes, inst.gt_classes = Boxes(torch.tensor([[40.0, 40.0, 60.0, 70.0]])), \
+            torch.tensor([0])
+        out.append(inst)
+    return out
+
+
+# teacher A crosses the left border: corners x -0.1 .. 0.2, clipped to 0 .. 0.2 (by hand)
+T_A, T_A_CLIPPED = [0.05, 0.5, 0.3, 0.2], [0.1, 0.5, 0.2, 0.2]
+T_B = [0.85, 0.5, 0.2, 0.2]  # inside the image
+S_0, S_1 = T_A, T_A_CLIPPED  # the student has one box on each
+
+
+def test_teacher_boxes_are_clipped_to_the_image_before_matching_and_pair_losses():
+    """The authors' code clips the teacher's boxes to the image before its matching and its
+    L1/GIoU targets. A hand case where that flips the matching and changes L1 and GIoU: with the
+    clipped A, student 1 sits exactly on it and student 0 goes to B; with A as predicted,
+    student 0 sits exactly on A and student 1 goes to B."""
+    s_boxes = torch.tensor([[[S_0, S_1]]])  # [L=1, N=1, Q=2, 4]
+    t_boxes = torch.tensor([[[T_A, T_B]]])
+    logits = torch.zeros(1, 1, 2, 3)  # equal class costs: the boxes decide
+    student, teacher = _record(logits, s_boxes), _record(logits, t_boxes)
+
+    # brute force over both assignments on the hand-clipped boxes, costs written out
+    def cost(s, t):
+        s, t = torch.tensor(s), torch.tensor(t)
+        from detr.util.box_ops import generalized_box_iou
+        return float(5 * (s - t).abs().sum() - 2 * generalized_box_iou(_xyxy(s[None]),
+                                                                       _xyxy(t[None]))[0, 0])
+
+    def best(t0, t1):
+        straight = cost(S_0, t0) + cost(S_1, t1)
+        crossed = cost(S_0, t1) + cost(S_1, t0)
+        return [0, 1] if straight < crossed else [1, 0]
+
+    assert best(T_A_CLIPPED, T_B) == [1, 0] and best(T_A, T_B) == [0, 1]
+    for clip, teacher_of_student, l1_sum, giou_loss_sum in (
+            # clipped: pairs (S0, B), (S1, A'): L1 0.8 + 0.1 and 0; GIoU(S0, B) = -0.11 / 0.21
+            (True, [1, 0], 0.9, 1 + 11 / 21),
+            # as predicted: pairs (S0, A), (S1, B): L1 0 and 0.75; GIoU(S1, B) = -0.11 / 0.19
+            (False, [0, 1], 0.75, 1 + 11 / 19)):
+        d = _distiller(feature_weight=0.0, clip_teacher_boxes=clip)
+        (i, j), = d.match_layers(student, teacher)[0]
+        assert j[i.argsort()].tolist() == teacher_of_student
+        out = d(student, teacher, _gt(1))
+        assert float(out["loss_detrdistill_l1_l0"]) == pytest.approx(5 * l1_sum / 2, rel=1e-5)
+        assert float(out["loss_detrdistill_giou_l0"]) == pytest.approx(2 * giou_loss_sum / 2,
+                                                                       rel=1e-5)
+    # the default is the authors' (clipped)
+    assert _distiller().clip_teacher_boxes
+    # the clip itself: A's corners clamped; B, inside, bit for bit
+    assert torch.allclose(clip_to_image(t_boxes)[0, 0, 0], torch.tensor(T_A_CLIPPED), atol=1e-7)
+    assert torch.equal(clip_to_image(t_boxes)[0, 0, 1], t_boxes[0, 0, 1])
+
+
+def _authors_contrastive(head, s_layer, t_layer, teacher_of_student):
+    """The authors' contrastive term (their ``MoCoCLHead`` on their inputs), written out here as
+    a reference on the distiller's own head weights: every student query of the batch in order
+    (``[N*Q, D_s]``) against the teacher query matched to each (``[N*Q, D_t]``); each side a
+    linear projection then linear -> BatchNorm1d (batch statistics) -> ReLU -> linear; L2
+    normalisation; logits = teacher x student^T / 0.07; cross-entropy with the diagonal as
+    the positives, averaged."""
+    def side(x, seq):
+        proj, fc1, bn, _, fc2 = seq
+        x = F.linear(F.linear(x, proj.weight, proj.bias), fc1.weight, fc1.bias)
+        x = F.batch_norm(x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+        return F.normalize(F.linear(F.relu(x), fc2.weight, fc2.bias), dim=1)
+
+    img = side(s_layer.reshape(-1, s_layer.shape[-1]), head.student_head)
+    pts = side(torch.cat([t_layer[n][teacher_of_student[n]] for n in range(len(t_layer))]),
+               head.teacher_head)
+    logits = torch.einsum("nc,ck->nk", pts, img.T) / 0.07
+    return F.cross_entropy(logits, torch.arange(len(logits)))
+
+
+def test_contrastive_term_is_the_authors_formula_on_every_layer():
+    g = torch.Generator().manual_seed(3)
+    layers, n, q, ds, dt = 2, 2, 5, 4, 6  # different widths: each side has its own head
+    logits = torch.randn(layers, n, q, 3, generator=g)
+    s_boxes = torch.rand(layers, n, q, 4, generator=g) * 0.4 + 0.3
+    t_boxes = torch.rand(layers, n, q, 4, generator=g) * 0.4 + 0.3
+    s_q = torch.randn(layers, n, q, ds, generator=g, requires_grad=True)
+    t_q = torch.randn(layers, n, q, dt, generator=g, requires_grad=True)
+    student = _record(logits, s_boxes, query_embeds=s_q)
+    teacher = _record(torch.randn(layers, n, q, 3, generator=g), t_boxes, query_embeds=t_q)
+    d = _distiller(student_dim=ds, teacher_dim=dt, logits_weight=0.0, feature_weight=0.0,
+                   contrast_weight=0.2).train()
+    out = d(student, teacher, _gt(n))
+    assert sorted(out) == [f"loss_detrdistill_contrast_l{k}" for k in range(layers)]
+    pairs = d.match_layers(student, teacher)
+    for layer in range(layers):
+        order = [j[i.argsort()] for i, j in pairs[layer]]  # teacher index of each student query
+        assert all(sorted(o.tolist()) == list(range(q)) for o in order)
+        expected = 0.2 * _authors_contrastive(d.contrast_head, s_q[layer], t_q[layer], order)
+        assert torch.allclose(out[f"loss_detrdistill_contrast_l{layer}"], expected, atol=1e-6)
+    sum(out.values()).backward()
+    assert s_q.grad.abs().sum() > 0 and t_q.grad is None  # the teacher's embeddings: detached
+    heads = d.contrast_head
+    assert all(p.grad is not None for p in heads.parameters())  # both heads learn
+    # the other components' weights are 0: no heads without the term
+    assert _distiller().contrast_head is None
+
+
+def _query_prior_records(layers=3, n=2, q=4, g=None):
+    """Records for the query-prior pass: the student's decoder returns fixed predictions and
+    its set losses note which assignment each layer got; the teacher's assignment differs
+    layer by layer."""
+    g = g or torch.Generator().manual_seed(5)
+    calls = []
+    extra = {"pred_logits": torch.randn(layers, n, q, 3, generator=g),
+             "pred_boxes": torch.rand(layers, n, q, 4, generator=g)}
+
+    def set_losses(logits, boxes, targets, indices, suffix=""):
+        layer = int(suffix[len("_l"):])
+        assert torch.equal(logits, extra["pred_logits"][layer])
+        calls.append((layer, indices))
+        return {"loss_ce" + suffix: logits.sum() * 0 + layer}
+
+    logits, boxes = torch.zeros(layers, n, q, 3), torch.rand(layers, n, q, 4, generator=g)
+    student = _record(logits, boxes, decoder=lambda queries: extra, set_losses=set_losses)
+    matches = [[(torch.tensor([layer % q]), torch.tensor([0])) for _ in range(n)]
+               for layer in range(layers)]  # layer l assigns query l to the GT
+    teacher = _record(logits, boxes, object_queries=torch.randn(q, 8, generator=g),
+                      matches=matches)
+    return student, teacher, calls
+
+
+@pytest.mark.parametrize("assignment", ["per_layer", "last"])
+def test_query_prior_layers_use_each_layers_or_the_last_teacher_assignment(assignment):
+    student, teacher, calls = _query_prior_records()
+    d = _distiller(logits_weight=0.0, feature_weight=0.0, query_prior_weight=1.0,
+                   query_prior_assignment=assignment)
+    out = d(student, teacher, _gt(2))
+    assert sorted(out) == [f"loss_detrdistill_qp_ce_l{k}" for k in range(3)]
+    assert [layer for layer, _ in calls] == [0, 1, 2]
+    for layer, indices in calls:
+        used = layer if assignment == "per_layer" else -1
+        assert indices is teacher.matches[used], (assignment, layer)
+    assert _distiller().query_prior_assignment == "per_layer"  # the authors' code
+    with pytest.raises(ValueError, match="QUERY_PRIOR_ASSIGNMENT is 'first'"):
+        _distiller(query_prior_assignment="first")
+
+
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("detrdistill_teachers")
@@ -164,12 +323,13 @@ def test_query_prior_pass_uses_the_teachers_queries_and_assignment(variant, teac
     original = distiller.query_prior_losses
 
     def spy(student, teacher, targets):
-        calls = []
-        decoder = student.decoder
+        calls, assignments = [], []
+        decoder, set_losses = student.decoder, student.set_losses
         student["decoder"] = lambda q: calls.append(q) or decoder(q)
+        student["set_losses"] = lambda *a: assignments.append(a[3]) or set_losses(*a)
         out = original(student, teacher, targets)
         seen.update(queries=calls[0], teacher_queries=teacher.object_queries,
-                    matches=teacher.matches[-1], out=out)
+                    matches=teacher.matches, used=assignments, out=out)
         return out
 
     distiller.query_prior_losses = spy
@@ -184,8 +344,11 @@ def test_query_prior_pass_uses_the_teachers_queries_and_assignment(variant, teac
     for layer in range(layers):
         for k in ("cls", "l1", "giou", "feat"):
             assert torch.isfinite(losses[f"loss_detrdistill_{k}_l{layer}"])
-    # the assignment used is the teacher's own (its matcher on its predictions)
-    assert all(len(i) == 2 for i, _ in seen["matches"])
+    # the assignment used is the teacher's own (its matcher on its predictions), layer l's for
+    # layer l (the default, as the authors' code)
+    assert len(seen["used"]) == layers
+    assert all(used is seen["matches"][layer] for layer, used in enumerate(seen["used"]))
+    assert all(len(i) == 2 for m in seen["matches"] for i, _ in m)
     sum(losses.values()).backward()
     assert all(p.grad is None for p in model.teacher.model.parameters())
 
@@ -224,7 +387,7 @@ def test_refusals_name_the_keys(teachers):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_demo_config_with_csgr_trains_evaluates_and_exports_without_the_extra_pass(
+def test_demo_config_with_csgr_and_contrast_trains_evaluates_and_exports_without_extras(
         variant, teachers, tmp_path, tiny_shapes):
     sys.path.insert(0, os.path.join(REPO, "tools"))
     import train_net
@@ -235,10 +398,12 @@ def test_demo_config_with_csgr_trains_evaluates_and_exports_without_the_extra_pa
     crop = ["INPUT.DETR_CROP_RESIZE", "(48, 56)", "INPUT.CROP.SIZE", "(40, 56)"]
     train_net.cli(["--config-file", config, *SMALL, *train_opts(out), *crop,
                    "MODEL.DISTILL.METHODS", "['DETRDistill', 'CSGR']",
+                   "MODEL.DISTILL.DETRDISTILL.CONTRAST_WEIGHT", "0.2",  # the released config's
                    "MODEL.DISTILL.TEACHER.CONFIG", teachers[variant][0],
                    "MODEL.DISTILL.TEACHER.WEIGHTS", teachers[variant][1]])
     keys = logged_keys(out)
     assert {"loss_detrdistill_cls_l0", "loss_detrdistill_feat_l1", "loss_detrdistill_qp_ce_l1",
+            "loss_detrdistill_contrast_l0", "loss_detrdistill_contrast_l1",
             "loss_csgr_cs_res5", "loss_giou"} <= keys
     plain = load_config(str(out / "model_final_student.yaml"))
     weights = torch.load(plain.MODEL.WEIGHTS, weights_only=False)["model"]
@@ -258,7 +423,21 @@ def test_paper_configs_have_the_published_setting(path):
     assert (c.COST_CLASS, c.COST_L1, c.COST_GIOU, c.TOPK, c.MASK_FLOOR) == (1, 5, 2, 100, 0.01)
     assert (c.LOGITS_WEIGHT, c.FEATURE_WEIGHT, c.QUERY_PRIOR_WEIGHT, c.CONTRAST_WEIGHT) == (
         1, 1, 1, 0)
+    # the released code's: clipped teacher boxes, each layer's teacher assignment; its
+    # contrastive term (not in the paper) off, with its temperature and width when turned on
+    assert (c.CLIP_TEACHER_BOXES, c.QUERY_PRIOR_ASSIGNMENT) == (True, "per_layer")
+    assert (c.CONTRAST_TEMPERATURE, c.CONTRAST_DIM) == (0.07, 512)
     assert cfg.DATASETS.TRAIN == ("coco_2017_train",)
+
+
+def test_released_config_adds_the_contrastive_term_to_the_paper_setting():
+    paper, released = (load_config(os.path.join(REPO, f"configs/DETRDistill-{name}.yaml"),
+                                   check_steps=False)
+                       for name in ("DeformableDETR-R50", "DeformableDETR-R50-released"))
+    assert released.MODEL.DISTILL.DETRDISTILL.CONTRAST_WEIGHT == 0.2
+    released.MODEL.DISTILL.DETRDISTILL.CONTRAST_WEIGHT = 0.0
+    released.OUTPUT_DIR = paper.OUTPUT_DIR
+    assert released.dump() == paper.dump()  # nothing else differs
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -477,7 +477,7 @@ def detrdistill_pictures(pic: PictureInputs, dd) -> List[str]:
         feat = t.encoder_inputs[name][0]
         mask = target_aware_mask(t.query_embeds[-1][0][queries], quality, feat, dd.mask_floor)
         (si, ti), = match_predictions(s.pred_logits[-1][:1], s.pred_boxes[-1][:1], t_lg[None],
-                                      t_bx[None], s.softmax, dd.costs)
+                                      dd.teacher_match_boxes(t_bx)[None], s.softmax, dd.costs)
     stride = pic.student.padded_size[0] / feat.shape[-2]
     heat = heatmap_on_image(pic.rgb, level_map_to_image(mask, int(round(stride)), pic.image_size,
                                                         pic.rgb.shape[:2], smooth=False))

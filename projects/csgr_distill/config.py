@@ -207,30 +207,41 @@ def add_distill_config(cfg):
     # LD's own schedule; "default" follows MODEL.DISTILL.DECAY (the paper does not decay).
     _C.MODEL.DISTILL.LD.DECAY = decay_node("default")
 
-    # DETRDistill (Chang et al., ICCV 2023; shared/methods/DETRDistill.md;
+    # DETRDistill (Chang et al., ICCV 2023; docs/methods/DETRDistill.md;
     # csgr_distill/distillers/detrdistill.py) between DETR-family teacher and student. Each
-    # component's weight 0 turns it off (the paper's ablation).
+    # component's weight 0 turns it off (the paper's ablation). Sources: "paper", "released
+    # code" (BIVLab-USTC/DETRDistill, its Deformable DETR config), "ours".
     _C.MODEL.DISTILL.DETRDISTILL = CN()
     # Hungarian logits distillation per decoder layer: matching costs = pair-loss weights
-    # (published: class 1, L1 5, GIoU 2); the component's overall weight (published 1).
+    # (paper and released code: class 1, L1 5, GIoU 2); the component's overall weight (paper 1).
     _C.MODEL.DISTILL.DETRDISTILL.LOGITS_WEIGHT = 1.0
     _C.MODEL.DISTILL.DETRDISTILL.COST_CLASS = 1.0
     _C.MODEL.DISTILL.DETRDISTILL.COST_L1 = 5.0
     _C.MODEL.DISTILL.DETRDISTILL.COST_GIOU = 2.0
-    # Temperature of the KL for softmax DETRs (not published: 1, the plain KL).
+    # Clip the teacher's boxes to the image before the matching and the L1/GIoU pair losses
+    # (released code: True; the paper does not say). False: the boxes as predicted.
+    _C.MODEL.DISTILL.DETRDISTILL.CLIP_TEACHER_BOXES = True
+    # Temperature of the KL for softmax DETRs (ours: the released code distils sigmoid Deformable
+    # DETR only; neither publishes one: 1, the plain KL).
     _C.MODEL.DISTILL.DETRDISTILL.TEMPERATURE = 1.0
-    # Target-aware feature distillation per decoder layer (published: weight 1, top-K 100, mask
-    # floor 0.01).
+    # Target-aware feature distillation per decoder layer (paper and released code: weight 1,
+    # top-K 100, mask floor 0.01).
     _C.MODEL.DISTILL.DETRDISTILL.FEATURE_WEIGHT = 1.0
     _C.MODEL.DISTILL.DETRDISTILL.TOPK = 100
     _C.MODEL.DISTILL.DETRDISTILL.MASK_FLOOR = 0.01
     # Query-prior assignment distillation: the student's own set losses on its extra decoder pass
-    # with the teacher's queries, under the teacher's assignment (published weight 1).
+    # with the teacher's queries, under the teacher's assignment (paper: weight 1).
     _C.MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_WEIGHT = 1.0
-    # Contrastive query term of the authors' code (InfoNCE, temperature 0.07, weight 0.2 when
-    # on); off by default, as in the paper.
+    # Which teacher assignment supervises layer l of that pass: "per_layer" (layer l's own:
+    # released code; the paper names no layer) or "last" (the teacher's last layer's for every
+    # layer: ours, this project's first form).
+    _C.MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_ASSIGNMENT = "per_layer"
+    # Contrastive query term of the released code (every layer; learned projection heads of width
+    # CONTRAST_DIM, InfoNCE over the batch's matched pairs, temperature 0.07; its config: weight
+    # 0.2). Not in the paper's method: off by default; 0.2 reproduces the released config.
     _C.MODEL.DISTILL.DETRDISTILL.CONTRAST_WEIGHT = 0.0
     _C.MODEL.DISTILL.DETRDISTILL.CONTRAST_TEMPERATURE = 0.07
+    _C.MODEL.DISTILL.DETRDISTILL.CONTRAST_DIM = 512
     _C.MODEL.DISTILL.DETRDISTILL.DECAY = decay_node("default")
     return cfg
 

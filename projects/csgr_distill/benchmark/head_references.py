@@ -222,11 +222,13 @@ def straightforward_tar_heads(distiller, student, teacher, gt_instances) -> Dict
 
 # ---- DETRDistill --------------------------------------------------------------------------
 def straightforward_detrdistill(distiller, student, teacher, gt_instances) -> Dict[str, Tensor]:
-    """DETRDistill.md written plainly, layer by layer: the soft class cost from explicit
-    probabilities, L1 and GIoU costs from their formulas, the Hungarian solver; pair losses
-    averaged by pairs; the teacher's top-K (query, class) by a full sort, quality = score x max
-    IoU with the GT, the mask from explicit cosines; the query-prior pass through the student's
-    own decoder and set losses (the detector's, shared)."""
+    """docs/methods/DETRDistill.md written plainly, layer by layer: the soft class cost from
+    explicit probabilities, L1 and GIoU costs from their formulas (to the teacher's boxes
+    clipped to the image, with CLIP_TEACHER_BOXES), the Hungarian solver; pair losses averaged
+    by pairs; the teacher's top-K (query, class) by a full sort, quality = score x max IoU with
+    the GT, the mask from explicit cosines; the query-prior pass through the student's own
+    decoder and set losses (the detector's, shared) under the teacher's assignment of each
+    layer or of its last (QUERY_PRIOR_ASSIGNMENT)."""
     from ..detr_port.detr import detr_targets
 
     softmax = student.softmax
@@ -238,6 +240,13 @@ def straightforward_detrdistill(distiller, student, teacher, gt_instances) -> Di
         s_lg, s_bx = student.pred_logits[layer], student.pred_boxes[layer]
         t_lg, t_bx = teacher.pred_logits[layer].detach(), teacher.pred_boxes[layer].detach()
         if distiller.logits_weight:
+            t_match = t_bx  # the teacher's boxes as matched: clipped to the image by default
+            if distiller.clip_teacher_boxes:
+                corners = _xyxy(t_bx)
+                x0, y0, x1, y1 = corners.clamp(0, 1).unbind(-1)
+                clipped = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
+                crossing = ((corners < 0) | (corners > 1)).any(-1, keepdim=True)
+                t_match = torch.where(crossing, clipped, t_bx)
             pairs = []
             for n in range(s_lg.shape[0]):
                 with torch.no_grad():
@@ -247,15 +256,15 @@ def straightforward_detrdistill(distiller, student, teacher, gt_instances) -> Di
                     else:
                         p, q = _sigmoid(t_lg[n])[None], _sigmoid(s_lg[n])[:, None]
                         cls_cost = -(p * torch.log(q) + (1 - p) * torch.log(1 - q)).sum(-1)
-                    l1 = (s_bx[n][:, None] - t_bx[n][None]).abs().sum(-1)
-                    giou = _giou(_xyxy(s_bx[n])[:, None], _xyxy(t_bx[n])[None])
+                    l1 = (s_bx[n][:, None] - t_match[n][None]).abs().sum(-1)
+                    giou = _giou(_xyxy(s_bx[n])[:, None], _xyxy(t_match[n])[None])
                     cost = c_cls * cls_cost + c_l1 * l1 - c_giou * giou
                 i, j = linear_sum_assignment(cost.cpu().numpy())
                 pairs.append((n, torch.as_tensor(i), torch.as_tensor(j)))
             s_l = torch.cat([s_lg[n][i] for n, i, _ in pairs])
             t_l = torch.cat([t_lg[n][j] for n, _, j in pairs])
             s_b = torch.cat([s_bx[n][i] for n, i, _ in pairs])
-            t_b = torch.cat([t_bx[n][j] for n, _, j in pairs])
+            t_b = torch.cat([t_match[n][j] for n, _, j in pairs])
             count = max(len(s_l), 1)
             if softmax:
                 tau = distiller.temperature
@@ -300,7 +309,9 @@ def straightforward_detrdistill(distiller, student, teacher, gt_instances) -> Di
         extra = student.decoder(teacher.object_queries.detach())
         for layer in range(extra["pred_logits"].shape[0]):
             losses = student.set_losses(extra["pred_logits"][layer], extra["pred_boxes"][layer],
-                                        targets, teacher.matches[-1], f"_l{layer}")
+                                        targets, teacher.matches[
+                                            layer if distiller.query_prior_assignment
+                                            == "per_layer" else -1], f"_l{layer}")
             for key, value in losses.items():
                 out["loss_detrdistill_qp_" + key[len("loss_"):]] = \
                     distiller.query_prior_weight * value

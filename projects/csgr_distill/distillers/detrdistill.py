@@ -1,23 +1,26 @@
 """DETRDistill: a universal knowledge distillation framework for DETR-families (Chang et al.,
-ICCV 2023, arXiv 2211.10156), as specified in ``shared/methods/DETRDistill.md``, between two
-detectors of the DETR port (``DistillDetr`` / ``DistillDeformableDetr`` students).
+ICCV 2023, arXiv 2211.10156; ``docs/methods/DETRDistill.md``), between two detectors of the DETR
+port (``DistillDetr`` / ``DistillDeformableDetr`` students).
 
 Per decoder layer l (student and teacher with the same number of layers):
 
 * logits distillation (``loss_detrdistill_{cls,l1,giou}_l<l>``): the student's predictions of
   layer l matched one-to-one to *all* the teacher's predictions of layer l by the Hungarian
   algorithm (cost = soft class cost + 5 L1 + 2 (-GIoU)); on the pairs, soft-target BCE (sigmoid
-  heads) or a temperature KL (softmax DETR), L1 and GIoU, each averaged over the pairs;
+  heads) or a temperature KL (softmax DETR), L1 and GIoU, each averaged over the pairs. The
+  teacher's boxes are first clipped to the image (``CLIP_TEACHER_BOXES``, as the authors' code);
 * target-aware feature distillation (``loss_detrdistill_feat_l<l>``): the teacher's top-K
   (query, class) predictions of layer l, quality ``score x max IoU with the GT``, a mask
   ``max(sum_i c_i cos(q_i, T(x)), 0.01)`` over each encoder input level divided by its per-image
   maximum, ``mean((m T - m r(S))^2)`` summed over levels;
 * query-prior assignment (``loss_detrdistill_qp_{ce,bbox,giou}_l<l>``): an extra student decoder
   pass with the teacher's learned queries (the record's ``decoder``), supervised by the GT under
-  the teacher's own assignment for those queries (its last layer's), with the student's own set
-  losses (the record's ``set_losses``); training only, nothing of it is in the model;
-* optional contrastive query term (``loss_detrdistill_contrast``, off by default): InfoNCE
-  between the last layer's matched student and teacher query embeddings.
+  the teacher's own assignment for those queries (``QUERY_PRIOR_ASSIGNMENT``: each layer's own,
+  as the authors' code, or the last layer's for every layer), with the student's own set losses
+  (the record's ``set_losses``); training only, nothing of it is in the model;
+* optional contrastive query term (``loss_detrdistill_contrast_l<l>``, off by default): the
+  authors' code's, per layer: the matched student and teacher query embeddings through learned
+  projection heads, InfoNCE over every pair of the batch (:class:`QueryContrastHead`).
 """
 from typing import Dict, List, Tuple
 
@@ -26,18 +29,35 @@ from detectron2.config import configurable
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import generalized_box_iou, generalized_box_iou_loss
+from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
 
 from ..layers.adapters import build_channel_adapter
 from .registry import register_distiller
 
-__all__ = ["DETRDistillDistiller", "soft_class_cost", "match_predictions",
-           "target_aware_mask"]
+__all__ = ["DETRDistillDistiller", "QueryContrastHead", "soft_class_cost", "match_predictions",
+           "target_aware_mask", "clip_to_image", "QUERY_PRIOR_ASSIGNMENTS"]
+
+#: ``MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_ASSIGNMENT``: the teacher assignment that supervises
+#: layer l of the query-prior pass: layer l's own ("per_layer", the authors' code) or the
+#: teacher's last layer's for every layer ("last")
+QUERY_PRIOR_ASSIGNMENTS = ("per_layer", "last")
 
 
 def _box_xyxy(b: Tensor) -> Tensor:
     cx, cy, w, h = b.unbind(-1)
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def clip_to_image(boxes: Tensor) -> Tensor:
+    """``[..., 4]`` (cx, cy, w, h) normalised by the unpadded image size -> the same boxes
+    clipped to the image, still (cx, cy, w, h). The authors' code clips the teacher's boxes to
+    the image in pixels (corners clamped to ``[0, W] x [0, H]``) before its matching and pair
+    losses; in normalised coordinates that is a clamp of the corners to ``[0, 1]``. Boxes inside
+    the image come back bit for bit (no rounding through the corners: near-tied matching costs
+    stay as they were)."""
+    corners = _box_xyxy(boxes)
+    inside = ((corners >= 0) & (corners <= 1)).all(-1, keepdim=True)
+    return torch.where(inside, boxes, box_convert(corners.clamp(0.0, 1.0), "xyxy", "cxcywh"))
 
 
 def soft_class_cost(s_logits: Tensor, t_logits: Tensor, softmax: bool) -> Tensor:
@@ -89,6 +109,35 @@ def target_aware_mask(queries: Tensor, quality: Tensor, feature: Tensor,
     return (m / m.max()).reshape(feature.shape[1:])
 
 
+class QueryContrastHead(nn.Module):
+    """The authors' code's contrastive term between matched query embeddings (their
+    ``MoCoCLHead``, here written anew). Each side has its own head: a linear projection to
+    ``dim`` and a two-layer MLP (linear, BatchNorm1d, ReLU, linear); the outputs are
+    L2-normalised; the logits are teacher rows against student columns over *every* pair of the
+    batch, divided by the temperature; the loss is the cross-entropy with the pair itself as the
+    positive (the diagonal), averaged over the pairs. The heads are trained with the student
+    (the teacher's embeddings come in detached: its head still learns)."""
+
+    def __init__(self, student_dim: int, teacher_dim: int, dim: int = 512,
+                 temperature: float = 0.07):
+        super().__init__()
+
+        def head(width: int) -> nn.Sequential:
+            return nn.Sequential(nn.Linear(width, dim), nn.Linear(dim, dim), nn.BatchNorm1d(dim),
+                                 nn.ReLU(inplace=True), nn.Linear(dim, dim))
+
+        self.student_head, self.teacher_head = head(student_dim), head(teacher_dim)
+        self.temperature = float(temperature)
+
+    def forward(self, student_queries: Tensor, teacher_queries: Tensor) -> Tensor:
+        """``[P, D_s]`` student and ``[P, D_t]`` teacher embeddings, row p of each one matched
+        pair (all the batch's pairs) -> the scalar loss."""
+        s = F.normalize(self.student_head(student_queries), dim=1)
+        t = F.normalize(self.teacher_head(teacher_queries), dim=1)
+        logits = t @ s.T / self.temperature  # [P teacher, P student]
+        return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
 @register_distiller("DETRDistill")
 class DETRDistillDistiller(nn.Module):
     """DETRDistill's components (module docstring); each switched off by a zero weight."""
@@ -97,7 +146,9 @@ class DETRDistillDistiller(nn.Module):
     def __init__(self, *, student_dim: int, teacher_dim: int, logits_weight: float,
                  feature_weight: float, query_prior_weight: float, contrast_weight: float,
                  temperature: float, topk: int, mask_floor: float,
-                 contrast_temperature: float, costs=(1.0, 5.0, 2.0)):
+                 contrast_temperature: float = 0.07, contrast_dim: int = 512,
+                 costs=(1.0, 5.0, 2.0), clip_teacher_boxes: bool = True,
+                 query_prior_assignment: str = "per_layer"):
         super().__init__()
         node = "MODEL.DISTILL.DETRDISTILL"
         for key, value in (("LOGITS_WEIGHT", logits_weight), ("FEATURE_WEIGHT", feature_weight),
@@ -108,17 +159,25 @@ class DETRDistillDistiller(nn.Module):
         if not (logits_weight or feature_weight or query_prior_weight or contrast_weight):
             raise ValueError(f"{node}: every component's weight is 0; give one a weight or drop "
                              "'DETRDistill' from MODEL.DISTILL.METHODS")
-        if temperature <= 0 or contrast_temperature <= 0 or topk < 1:
-            raise ValueError(f"{node}.TEMPERATURE and CONTRAST_TEMPERATURE must be > 0 and TOPK "
-                             ">= 1")
+        if temperature <= 0 or contrast_temperature <= 0 or topk < 1 or contrast_dim < 1:
+            raise ValueError(f"{node}.TEMPERATURE and CONTRAST_TEMPERATURE must be > 0, TOPK and "
+                             "CONTRAST_DIM >= 1")
+        if query_prior_assignment not in QUERY_PRIOR_ASSIGNMENTS:
+            raise ValueError(f"{node}.QUERY_PRIOR_ASSIGNMENT is {query_prior_assignment!r}; use "
+                             f"one of {QUERY_PRIOR_ASSIGNMENTS} ('per_layer': the authors' code)")
         self.logits_weight, self.feature_weight = float(logits_weight), float(feature_weight)
         self.query_prior_weight = float(query_prior_weight)
         self.contrast_weight = float(contrast_weight)
         self.temperature, self.topk, self.mask_floor = float(temperature), int(topk), mask_floor
-        self.contrast_temperature = float(contrast_temperature)
         self.costs = tuple(float(c) for c in costs)
+        self.clip_teacher_boxes = bool(clip_teacher_boxes)
+        self.query_prior_assignment = query_prior_assignment
         # the student's encoder inputs mapped to the teacher's width (identity when equal)
         self.adapter = build_channel_adapter(int(student_dim), int(teacher_dim))
+        # the contrastive term's learned heads exist only when the term is on
+        self.contrast_head = (QueryContrastHead(int(student_dim), int(teacher_dim),
+                                                int(contrast_dim), contrast_temperature)
+                              if self.contrast_weight else None)
         student = ["pred_logits", "pred_boxes", "softmax"]
         teacher = ["pred_logits", "pred_boxes", "softmax"]
         if self.feature_weight:
@@ -164,13 +223,32 @@ class DETRDistillDistiller(nn.Module):
                 "logits_weight": c.LOGITS_WEIGHT, "feature_weight": c.FEATURE_WEIGHT,
                 "query_prior_weight": c.QUERY_PRIOR_WEIGHT, "contrast_weight": c.CONTRAST_WEIGHT,
                 "temperature": c.TEMPERATURE, "topk": c.TOPK, "mask_floor": c.MASK_FLOOR,
-                "contrast_temperature": c.CONTRAST_TEMPERATURE,
-                "costs": (c.COST_CLASS, c.COST_L1, c.COST_GIOU)}
+                "contrast_temperature": c.CONTRAST_TEMPERATURE, "contrast_dim": c.CONTRAST_DIM,
+                "costs": (c.COST_CLASS, c.COST_L1, c.COST_GIOU),
+                "clip_teacher_boxes": c.CLIP_TEACHER_BOXES,
+                "query_prior_assignment": c.QUERY_PRIOR_ASSIGNMENT}
 
     # ---- 1. logits ------------------------------------------------------------------------
+    def teacher_match_boxes(self, boxes: Tensor) -> Tensor:
+        """The teacher's boxes ``[..., 4]`` as the matching and the pair losses read them:
+        clipped to the image with ``CLIP_TEACHER_BOXES`` (the authors' code), else as predicted."""
+        return clip_to_image(boxes) if self.clip_teacher_boxes else boxes
+
+    def match_layers(self, student, teacher) -> List[List[Tuple[Tensor, Tensor]]]:
+        """Every decoder layer's student <-> teacher matching (``[layer][image] -> (student_idx,
+        teacher_idx)``), all layers' costs in one batched pass."""
+        layers, n = student.pred_logits.shape[:2]
+        flat = match_predictions(
+            student.pred_logits.flatten(0, 1), student.pred_boxes.flatten(0, 1),
+            teacher.pred_logits.flatten(0, 1),
+            self.teacher_match_boxes(teacher.pred_boxes).flatten(0, 1), student.softmax,
+            self.costs)
+        return [flat[k * n:(k + 1) * n] for k in range(layers)]
+
     def pair_losses(self, s_logits, s_boxes, t_logits, t_boxes, pairs, softmax: bool
                     ) -> Dict[str, Tensor]:
-        """Class, L1 and GIoU terms on matched pairs (each averaged over the pairs)."""
+        """Class, L1 and GIoU terms on matched pairs (each averaged over the pairs); ``t_boxes``
+        as matched (:meth:`teacher_match_boxes`)."""
         si = torch.cat([torch.full_like(i, n) for n, (i, _) in enumerate(pairs)])
         s_idx = torch.cat([i for i, _ in pairs])
         t_idx = torch.cat([j for _, j in pairs])
@@ -193,7 +271,8 @@ class DETRDistillDistiller(nn.Module):
     def quality(self, t_logits: Tensor, t_boxes: Tensor, gt_boxes: Tensor, softmax: bool
                 ) -> Tuple[Tensor, Tensor]:
         """One image's teacher top-K: ``(query index [K], quality [K])`` with quality = score x
-        max IoU with the GT (score alone without GT)."""
+        max IoU with the GT (score alone without GT); the boxes as predicted (not clipped: the
+        authors' code)."""
         from detectron2.structures import Boxes, pairwise_iou
 
         prob = F.softmax(t_logits, -1)[:, :-1] if softmax else torch.sigmoid(t_logits)
@@ -234,58 +313,47 @@ class DETRDistillDistiller(nn.Module):
                              "DETR vs sigmoid Deformable DETR); use two detectors of one variant")
         targets = detr_targets(gt_instances, student.image_sizes)
         layers = student.pred_logits.shape[0]
-        matched = range(layers) if self.logits_weight else range(layers - 1, layers)
-        pairs_by_layer: Dict[int, list] = {}
-        if self.logits_weight or self.contrast_weight:  # every layer's matching at once
-            flat = match_predictions(*(x[matched.start:].flatten(0, 1) for x in (
-                student.pred_logits, student.pred_boxes, teacher.pred_logits,
-                teacher.pred_boxes)), student.softmax, self.costs)
-            n = student.pred_logits.shape[1]
-            pairs_by_layer = {layer: flat[k * n:(k + 1) * n] for k, layer in enumerate(matched)}
-        last_pairs = pairs_by_layer.get(layers - 1)
+        pairs_by_layer = (self.match_layers(student, teacher)
+                          if self.logits_weight or self.contrast_weight else None)
+        t_boxes = self.teacher_match_boxes(teacher.pred_boxes) if self.logits_weight else None
         for layer in range(layers):
-            s_lg, s_bx = student.pred_logits[layer], student.pred_boxes[layer]
-            t_lg, t_bx = teacher.pred_logits[layer], teacher.pred_boxes[layer]
-            if layer in pairs_by_layer:
-                pairs = pairs_by_layer[layer]
-                if self.logits_weight:
-                    for k, v in self.pair_losses(s_lg, s_bx, t_lg, t_bx, pairs,
-                                                 student.softmax).items():
-                        out[f"loss_detrdistill_{k}_l{layer}"] = self.logits_weight * v
+            if self.logits_weight:
+                for k, v in self.pair_losses(student.pred_logits[layer], student.pred_boxes[layer],
+                                             teacher.pred_logits[layer], t_boxes[layer],
+                                             pairs_by_layer[layer], student.softmax).items():
+                    out[f"loss_detrdistill_{k}_l{layer}"] = self.logits_weight * v
             if self.feature_weight:
                 gt = [_box_xyxy(t["boxes"]) for t in targets]  # normalised, as the predictions
                 out[f"loss_detrdistill_feat_l{layer}"] = self.feature_weight * self.feature_loss(
                     student, teacher, layer, gt)
+            if self.contrast_weight:
+                out[f"loss_detrdistill_contrast_l{layer}"] = self.contrast_weight * \
+                    self.contrastive(student.query_embeds[layer], teacher.query_embeds[layer],
+                                     pairs_by_layer[layer])
         if self.query_prior_weight:
             out.update(self.query_prior_losses(student, teacher, targets))
-        if self.contrast_weight:
-            out["loss_detrdistill_contrast"] = self.contrast_weight * self.contrastive(
-                student, teacher, last_pairs)
         return out
 
     def query_prior_losses(self, student, teacher, targets) -> Dict[str, Tensor]:
-        """The extra student decoder pass with the teacher's queries, supervised under the
-        teacher's last-layer assignment, every layer, with the student's set losses."""
+        """The extra student decoder pass with the teacher's queries; layer l's predictions
+        supervised by the student's set losses under the teacher's assignment of layer l
+        (``per_layer``) or of its last layer (``last``)."""
         extra = student.decoder(teacher.object_queries.detach())
-        indices = teacher.matches[-1]
         out = {}
         for layer in range(extra["pred_logits"].shape[0]):
+            indices = teacher.matches[layer if self.query_prior_assignment == "per_layer" else -1]
             losses = student.set_losses(extra["pred_logits"][layer], extra["pred_boxes"][layer],
                                         targets, indices, f"_l{layer}")
             for k, v in losses.items():
                 out["loss_detrdistill_qp_" + k[len("loss_"):]] = self.query_prior_weight * v
         return out
 
-    def contrastive(self, student, teacher, pairs) -> Tensor:
-        """InfoNCE over the last layer's matched pairs: each student query embedding against all
-        the teacher's of its image, the matched one the positive (temperature 0.07)."""
-        s_q, t_q = student.query_embeds[-1], teacher.query_embeds[-1].detach()
-        if s_q.shape[-1] != t_q.shape[-1]:
-            raise ValueError("DETRDistill's contrastive term needs the same d_model in both")
-        total, count = 0.0, 0
-        for n, (i, j) in enumerate(pairs):
-            logits = F.normalize(s_q[n][i], dim=-1) @ F.normalize(t_q[n], dim=-1).T
-            total = total + F.cross_entropy(logits / self.contrast_temperature, j,
-                                            reduction="sum")
-            count += len(i)
-        return total / max(count, 1)
+    def contrastive(self, s_queries: Tensor, t_queries: Tensor, pairs) -> Tensor:
+        """One layer's contrastive term: the embeddings ``[N, Q, D]`` of every matched pair of
+        the batch through :class:`QueryContrastHead` (pairs in the matching's order: all the
+        student's queries in order when both have as many)."""
+        s = torch.cat([s_queries[n][i] for n, (i, _) in enumerate(pairs)])
+        t = torch.cat([t_queries[n][j] for n, (_, j) in enumerate(pairs)]).detach()
+        if len(s) < 2:  # BatchNorm1d needs two samples; no negatives anyway
+            return s.sum() * 0.0
+        return self.contrast_head(s, t)
