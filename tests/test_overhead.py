@@ -90,7 +90,8 @@ def test_detr_family_students_are_timed_with_csgr_and_detrdistill(tmp_path, dete
     # CSGR teacher_head needs dense logits: skipped; DETRDistill's components timed one by one
     assert list(rows) == [overhead.STUDENT, overhead.FLOOR, "CSGR", "CSGR recurrence 2",
                           "DETRDistill", "DETRDistill logits only", "DETRDistill features only",
-                          "DETRDistill query prior only"]
+                          "DETRDistill query prior only",
+                          "DETRDistill query prior only, last-layer assignment"]
     assert all(r["losses_finite"] for r in rows.values())
     assert any(k.startswith("loss_csgr_cs_res5") for k in rows["CSGR"]["losses"])
     assert any(k.startswith("loss_detrdistill_qp_") for k in rows["DETRDistill"]["losses"])
@@ -102,3 +103,6 @@ def test_detr_family_students_are_timed_with_csgr_and_detrdistill(tmp_path, dete
         keys = [k for k in rows[f"DETRDistill {part} only"]["losses"]
                 if k.startswith("loss_detrdistill")]
         assert keys and all(k.startswith(own) for k in keys), (part, keys)
+    last = [k for k in rows["DETRDistill query prior only, last-layer assignment"]["losses"]
+            if k.startswith("loss_detrdistill")]
+    assert last and all(k.startswith("loss_detrdistill_qp_") for k in last)

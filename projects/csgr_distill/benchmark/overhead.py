@@ -4,7 +4,7 @@ SGD step) for
 * the student alone,
 * the student plus a teacher forward (the physical floor of any feature distillation),
 * the student under each registered distiller (and CSGR's options; on the DETR family also
-  DETRDistill's components one by one),
+  DETRDistill's components one by one and its last-layer query-prior assignment),
 
 for RetinaNet, Faster R-CNN and the distribution-head RetinaNet (and, on request, DETR and
 Deformable DETR) at a stated image size and batch. Times come from one process,
@@ -48,8 +48,15 @@ DETECTORS = {
 DETECTOR_METHODS = {"RetinaNet, distribution head": ("LD",),
                     "DETR": ("CSGR", "DETRDistill"),
                     "Deformable DETR": ("CSGR", "DETRDistill")}
-#: variants only a detector's students have: DETRDistill's components, timed one by one
-DETECTOR_VARIANTS = {"DETR": DETRDISTILL_COMPONENTS, "Deformable DETR": DETRDISTILL_COMPONENTS}
+#: DETRDistill's query-prior term under the teacher's last-layer assignment for every layer (the
+#: option; "DETRDistill query prior only" uses each layer's own, the default)
+DETRDISTILL_OPTIONS = {"DETRDistill query prior only, last-layer assignment": [
+    *DETRDISTILL_COMPONENTS["DETRDistill query prior only"],
+    "MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_ASSIGNMENT", "last"]}
+#: variants only a detector's students have: DETRDistill's components, timed one by one, and its
+#: options
+DETECTOR_VARIANTS = {"DETR": {**DETRDISTILL_COMPONENTS, **DETRDISTILL_OPTIONS},
+                     "Deformable DETR": {**DETRDISTILL_COMPONENTS, **DETRDISTILL_OPTIONS}}
 #: detectors timed by default (the DETR family on request: --detectors DETR "Deformable DETR")
 DEFAULT_DETECTORS = ("RetinaNet", "Faster R-CNN", "RetinaNet, distribution head")
 STUDENT, FLOOR = "student alone", "student + teacher forward (floor)"
