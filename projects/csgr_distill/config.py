@@ -184,26 +184,44 @@ def add_distill_config(cfg):
     # TAR's distillation decay (spec): linear from 1 at iteration 0 to 0 at SOLVER.MAX_ITER.
     _C.MODEL.DISTILL.TAR.DECAY = decay_node("linear")
 
-    # LD: localization distillation (Zheng et al., CVPR 2022; shared/methods/LD.md;
-    # csgr_distill/distillers/ld.py) between DistributionRetinaNet teacher and student. Defaults:
-    # the GFL recipe; configs/LD-RetinaNet-R50.yaml sets the RetinaNet recipe (VLR 0.03 without
-    # the positives, KD temperature 8).
+    # LD: localization distillation (Zheng et al., CVPR 2022, arXiv 2102.12252; released code
+    # HikariTJU/LD; docs/methods/LD.md; csgr_distill/distillers/ld.py) between
+    # DistributionRetinaNet teacher and student. Defaults: the GFL recipe (the paper's and the
+    # released LDHead's; configs/LD-RetinaNet-R50-GFL-recipe.yaml); configs/LD-RetinaNet-R50.yaml
+    # sets the released RetinaNet recipe (LDRetinaHead, configs/ld/ld_retina_r50_1x.py there).
     _C.MODEL.DISTILL.LD = CN()
-    # Main-region LD on the student's positives (published: weight 0.25, temperature 10).
+    # Main-region LD on the student's positives (released configs, GFL recipe: weight 0.25, T 10;
+    # RetinaNet recipe: 5, T 10). Divided by 4 (released code's avg_factor in both heads).
     _C.MODEL.DISTILL.LD.LD_WEIGHT = 0.25
     _C.MODEL.DISTILL.LD.LD_TEMPERATURE = 10.0
+    # The softmax of both LD terms: "side", one per box side over its REG_MAX + 1 bins, the KLs of
+    # the 4 sides summed (paper, released GFL head); "anchor", one over an anchor's 4 (REG_MAX + 1)
+    # logits (released RetinaNet head).
+    _C.MODEL.DISTILL.LD.SOFTMAX_OVER = "side"
     # Valuable-localization-region LD, same temperature (GFL recipe 0.25 with the positives;
-    # RetinaNet recipe 0.03 without them). The spec does not give its normaliser: divided by 4,
-    # as the main region.
+    # RetinaNet recipe 0.03 x 5 = 0.15 without them). Its normaliser is the released code's:
+    # 16 in the GFL head, 4 in the RetinaNet head.
     _C.MODEL.DISTILL.LD.VLR_WEIGHT = 0.25
     _C.MODEL.DISTILL.LD.VLR_EXCLUDE_POSITIVES = False
-    # ATSS candidates per level and GT (9), and the DIoU band's lower factor [0.25 t_g, t_g).
+    _C.MODEL.DISTILL.LD.VLR_NORMALIZER = 16.0
+    # ATSS candidates per level and GT (9), and the DIoU band's lower factor [0.25 t_g, t_g)
+    # (released assigners).
     _C.MODEL.DISTILL.LD.VLR_TOPK = 9
     _C.MODEL.DISTILL.LD.VLR_LOW = 0.25
-    # Main KD on the positives' class logits (published: weight 10, temperature 2; RetinaNet
-    # recipe: 8).
+    # The band's DIoU: "paper", the true DIoU (the paper's definition); "released", what the
+    # released helper computes (intersection over the anchor's area, not the union, minus the
+    # distance term: its bbox_overlaps 'diou' mode keeps area1 as the union). Ours: the paper's,
+    # the released one being a bug of that call; the two regions share only 37 % of the true
+    # one on RetinaNet anchors (docs/methods/LD.md).
+    _C.MODEL.DISTILL.LD.VLR_DIOU = "paper"
+    # Main KD on the positives' class logits (GFL recipe: weight 10, T 2; RetinaNet recipe: 10,
+    # T 8). KD_NORMALIZER "level": each FPN level's sum divided by that level's positives, the
+    # levels summed (released code, both heads); "all": the sum over all levels divided by all
+    # positives (this project's formula before 2026-12-05; about 1/L of "level" when the
+    # positives spread over L levels).
     _C.MODEL.DISTILL.LD.KD_WEIGHT = 10.0
     _C.MODEL.DISTILL.LD.KD_TEMPERATURE = 2.0
+    _C.MODEL.DISTILL.LD.KD_NORMALIZER = "level"
     # LD's own schedule; "default" follows MODEL.DISTILL.DECAY (the paper does not decay).
     _C.MODEL.DISTILL.LD.DECAY = decay_node("default")
 
@@ -253,7 +271,8 @@ def add_architecture_config(cfg):
     if "REG_MAX" not in cfg.MODEL.RETINANET:
         # n: each side's distance is predicted over the bins 0..n, in strides (GFL and LD: 16).
         cfg.MODEL.RETINANET.REG_MAX = 16
-        # Distribution Focal Loss weight (GFL: 0.25; 0 turns it off).
+        # Distribution Focal Loss weight (GFL and LD's GFL recipe: 0.25; 0 turns it off, as LD's
+        # released RetinaNet head has none). Targets clamped to [0, n - 0.1], as GFL's.
         cfg.MODEL.RETINANET.DFL_WEIGHT = 0.25
     if "DETR" not in cfg.MODEL:
         add_detr_config(cfg)

@@ -87,10 +87,11 @@ def _bin_kl(s: Tensor, t: Tensor, tau: float) -> Tensor:
     return _kl(p, q) / p.shape[-1] * tau * tau
 
 
-def _ld_region(anchors: List[Tensor], gt: Tensor, topk: int, low: float):
+def _ld_region(anchors: List[Tensor], gt: Tensor, topk: int, low: float, diou: str = "paper"):
     """LD's VLR of one image, GT by GT: ATSS candidates per level by centre distance, threshold
-    mean + unbiased std of their IoUs, the DIoU band ``[low t, t)``; an anchor claimed by
-    several GTs keeps the largest IoU. ``(in_region [R] bool, iou [R])``."""
+    mean + unbiased std of their IoUs, the DIoU band ``[low t, t)`` (``diou "released"``: the
+    intersection over the anchor's area in place of the IoU); an anchor claimed by several GTs
+    keeps the largest IoU. ``(in_region [R] bool, iou [R])``."""
     all_anchors = torch.cat(anchors)
     best = torch.full((all_anchors.shape[0],), -1.0, device=all_anchors.device)
     centres = (all_anchors[:, :2] + all_anchors[:, 2:]) / 2
@@ -106,49 +107,75 @@ def _ld_region(anchors: List[Tensor], gt: Tensor, topk: int, low: float):
         t = cand_iou.mean() + (cand_iou.std() if len(cand_iou) > 1 else 0.0)
         enclosing = (torch.maximum(g[2:], all_anchors[:, 2:])
                      - torch.minimum(g[:2], all_anchors[:, :2])) ** 2
-        diou = iou - ((centres - c) ** 2).sum(-1) / enclosing.sum(-1).clamp_min(1e-12)
-        band = (diou >= low * t) & (diou < t)
+        overlap = iou
+        if diou == "released":
+            inter = (torch.minimum(g[2:], all_anchors[:, 2:])
+                     - torch.maximum(g[:2], all_anchors[:, :2])).clamp_min(0).prod(-1)
+            overlap = inter / (all_anchors[:, 2:] - all_anchors[:, :2]).prod(-1)
+        d = overlap - ((centres - c) ** 2).sum(-1) / enclosing.sum(-1).clamp_min(1e-12)
+        band = (d >= low * t) & (d < t)
         best = torch.where(band & (iou > best), iou, best)
     in_region = best >= 0
     return in_region, torch.where(in_region, best, torch.zeros_like(best))
 
 
 def straightforward_ld(distiller, student, teacher, gt_instances) -> Dict[str, Tensor]:
-    """LD.md written plainly: the heads' outputs laid out per anchor, main LD on the student's
-    positives weighted by its max class score, VLR LD weighted by the claiming GT's IoU (both
-    the mean KL over the bins of each side, summed, / 4), main KD over the positives' classes."""
+    """docs/methods/LD.md written plainly, level by level as the released heads: the heads'
+    outputs laid out per anchor, main LD on the student's positives weighted by its max class
+    score (/ 4), VLR LD weighted by the claiming GT's IoU (/ ``vlr_normalizer``), the KL per side
+    summed over the sides or one KL over the anchor's ``4 (n + 1)`` logits
+    (``softmax_over``); main KD over the positives' classes, each level by its own positives
+    (``kd_normalizer "level"``) or all levels by all positives (``"all"``)."""
     k, b = distiller.num_classes, distiller.bins
 
-    def per_anchor(rec):
-        cls = torch.cat([x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, k)
-                         for x in rec.cls_logits], dim=1)
-        box = torch.cat([x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, 4, b)
-                         for x in rec.box_deltas], dim=1)
+    def per_level(rec):
+        cls = [x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, k) for x in rec.cls_logits]
+        box = [x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, 4 * b) for x in rec.box_deltas]
         return cls, box
 
-    s_cls, s_box = per_anchor(student)
-    t_cls, t_box = per_anchor(teacher)
-    labels = torch.stack(student.anchor_labels)
-    pos = (labels >= 0) & (labels != k)
-    out = {}
-    if distiller.ld_weight > 0:
-        score = _sigmoid(s_cls[pos].detach()).max(dim=-1).values
-        kl = _bin_kl(s_box[pos], t_box[pos], distiller.ld_temperature)  # [P, 4]
-        out["loss_ld"] = distiller.ld_weight * (kl * score[:, None]).sum() / 4
+    def box_kl(s: Tensor, t: Tensor) -> Tensor:  # [..., 4 b] -> [...]
+        if distiller.softmax_over == "anchor":
+            return _bin_kl(s, t, distiller.ld_temperature)
+        shape = s.shape[:-1] + (4, b)
+        return _bin_kl(s.reshape(shape), t.reshape(shape), distiller.ld_temperature).sum(-1)
+
+    s_cls, s_box = per_level(student)
+    t_cls, t_box = per_level(teacher)
+    sizes = [x.shape[1] for x in s_cls]
+    labels = torch.stack(student.anchor_labels).split(sizes, dim=1)
+    regions = []
     if distiller.vlr_weight > 0:
         anchors = [a.tensor for a in student.anchors]
-        total = 0.0
         for i, inst in enumerate(gt_instances):
             region, iou = _ld_region(anchors, inst.gt_boxes.tensor, distiller.vlr_topk,
-                                     distiller.vlr_low)
+                                     distiller.vlr_low, distiller.vlr_diou)
+            regions.append((region, iou))
+    ld = vlr = kd_level = kd_all = 0.0
+    num_pos = 0
+    for level in range(len(sizes)):
+        pos = (labels[level] >= 0) & (labels[level] != k)
+        num_pos += int(pos.sum())
+        sc, tc, sb, tb = s_cls[level], t_cls[level], s_box[level], t_box[level]
+        score = _sigmoid(sc[pos].detach()).max(dim=-1).values
+        ld = ld + (box_kl(sb[pos], tb[pos]) * score).sum() / 4
+        kd = _bin_kl(sc[pos], tc[pos], distiller.kd_temperature).sum()
+        kd_all = kd_all + kd
+        kd_level = kd_level + kd / max(int(pos.sum()), 1)
+        start = sum(sizes[:level])
+        for i, (region, iou) in enumerate(regions):
+            r = region[start:start + sizes[level]]
             if distiller.vlr_exclude_positives:
-                region = region & ~pos[i]
-            kl = _bin_kl(s_box[i][region], t_box[i][region], distiller.ld_temperature)
-            total = total + (kl * iou[region][:, None]).sum()
-        out["loss_ld_vlr"] = distiller.vlr_weight * total / 4
+                r = r & ~pos[i]
+            v = iou[start:start + sizes[level]][r]
+            vlr = vlr + (box_kl(sb[i][r], tb[i][r]) * v).sum() / distiller.vlr_normalizer
+    out = {}
+    if distiller.ld_weight > 0:
+        out["loss_ld"] = distiller.ld_weight * ld
+    if distiller.vlr_weight > 0:
+        out["loss_ld_vlr"] = distiller.vlr_weight * vlr
     if distiller.kd_weight > 0:
-        kd = _bin_kl(s_cls[pos], t_cls[pos], distiller.kd_temperature)
-        out["loss_ld_kd"] = distiller.kd_weight * kd.sum() / max(int(pos.sum()), 1)
+        kd = kd_level if distiller.kd_normalizer == "level" else kd_all / max(num_pos, 1)
+        out["loss_ld_kd"] = distiller.kd_weight * kd
     return out
 
 

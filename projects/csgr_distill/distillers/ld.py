@@ -1,18 +1,25 @@
 """LD: Localization Distillation for Dense Object Detection (Zheng et al., CVPR 2022 / TPAMI 2023,
-arXiv 2102.12252), as specified in ``shared/methods/LD.md``, on :class:`DistributionRetinaNet`
-teacher and student (both predict a distribution over each box side's distance).
+arXiv 2102.12252; released code HikariTJU/LD), on :class:`DistributionRetinaNet` teacher and
+student (both predict a distribution over each box side's distance). Formulas, config keys,
+the two published recipes and every difference from the released code: ``docs/methods/LD.md``.
 
-Three terms, over all anchors of all levels (the student's and the teacher's anchors are the
-same: same anchor generator, same grid):
+Three terms, over the anchors of all levels (the student's and the teacher's anchors are the
+same: same anchor generator, same grid), ``KL_tau(s, t) = tau^2 mean_b p_t,b (log p_t,b -
+log q_s,b)`` with ``p_t = softmax(t / tau)`` (no gradient), ``q_s = softmax(s / tau)``:
 
 * ``loss_ld``: main-region LD on the student's positive anchors (its own assignment, recorded
-  from ``label_anchors``): per side ``tau^2 mean_k p_t,k (log p_t,k - log q_s,k)`` (the mean over
-  the ``n + 1`` bins), weighted by the student's max class score (sigmoid, no gradient), summed
-  and divided by 4 (the official per-level ``avg_factor``; levels summed);
-* ``loss_ld_vlr``: the same KL on the valuable localization region (:func:`vlr_region`),
-  weighted by each anchor's IoU with the GT that claims it, divided by 4;
-* ``loss_ld_kd``: main KD on the class logits of the positives, ``tau^2 mean_k p_t,k (log p_t,k -
-  log q_s,k)`` with a softmax over the K classes, divided by the number of positives.
+  from ``label_anchors``), weighted by the student's max class score (sigmoid, no gradient),
+  summed and divided by 4 (the released heads' ``avg_factor`` per level; levels summed). The KL
+  is taken per side over its ``n + 1`` bins and summed over the 4 sides
+  (``SOFTMAX_OVER "side"``: the paper and the released GFL head) or once over the anchor's
+  ``4 (n + 1)`` logits (``"anchor"``: the released RetinaNet head);
+* ``loss_ld_vlr``: the same KL on the valuable localization region (:func:`vlr_region`, with
+  the paper's DIoU by default, ``VLR_DIOU``), weighted by each anchor's IoU with the GT that
+  claims it, divided by ``VLR_NORMALIZER`` (released code: 16 in the GFL head, 4 in the
+  RetinaNet head);
+* ``loss_ld_kd``: main KD on the class logits of the positives, softmax over the K classes,
+  ``KD_NORMALIZER "level"``: each level's sum divided by that level's positives, the levels
+  summed (the released heads); ``"all"``: the sum over all levels divided by all positives.
 """
 from typing import Dict, Sequence, Tuple
 
@@ -21,13 +28,14 @@ from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
-from detectron2.structures import Boxes, pairwise_iou
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchvision.ops import box_area, box_iou
 
 from .registry import register_distiller
 
-__all__ = ["LDDistiller", "bin_kl", "vlr_region", "pairwise_diou"]
+__all__ = ["LDDistiller", "bin_kl", "vlr_region", "pairwise_diou", "SOFTMAX_OVER",
+           "KD_NORMALIZERS", "VLR_DIOUS"]
 
 
 def bin_kl(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
@@ -40,21 +48,29 @@ def bin_kl(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).mean(dim=1) * tau * tau
 
 
-def pairwise_diou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """``[G, 4]``, ``[R, 4]`` -> ``[G, R]`` distance IoU: IoU minus the squared distance of the
-    centres over the squared diagonal of the smallest enclosing box."""
-    iou = pairwise_iou(Boxes(boxes1), Boxes(boxes2))
+def pairwise_diou(boxes1: Tensor, boxes2: Tensor, overlap: str = "iou") -> Tensor:
+    """``[G, 4]``, ``[R, 4]`` -> ``[G, R]`` distance IoU: the overlap minus the squared distance
+    of the centres over the squared diagonal of the smallest enclosing box. ``overlap "iou"``:
+    the paper's DIoU; ``"over_area2"``: the intersection over ``boxes2``'s area instead of the
+    union, what the released code's VLR helper computes with the anchors as ``boxes2`` (its
+    ``bbox_overlaps(anchors, gts, mode='diou')`` divides by ``area1``, the anchors')."""
+    if overlap == "iou":
+        ratio = box_iou(boxes1, boxes2)
+    else:
+        wh = (torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
+              - torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])).clamp_min(0)
+        ratio = wh.prod(-1) / box_area(boxes2).clamp_min(1e-6)[None]
     c1 = (boxes1[:, :2] + boxes1[:, 2:]) / 2
     c2 = (boxes2[:, :2] + boxes2[:, 2:]) / 2
     rho2 = ((c1[:, None] - c2[None]) ** 2).sum(-1)
     lt = torch.minimum(boxes1[:, None, :2], boxes2[None, :, :2])
     rb = torch.maximum(boxes1[:, None, 2:], boxes2[None, :, 2:])
     diag2 = ((rb - lt) ** 2).sum(-1).clamp_min(1e-12)
-    return iou - rho2 / diag2
+    return ratio - rho2 / diag2
 
 
 def vlr_region(anchors: Sequence[Tensor], gt_boxes: Tensor, topk: int = 9,
-               low: float = 0.25) -> Tuple[Tensor, Tensor]:
+               low: float = 0.25, diou: str = "paper") -> Tuple[Tensor, Tensor]:
     """LD's valuable localization region of one image.
 
     Args:
@@ -62,6 +78,8 @@ def vlr_region(anchors: Sequence[Tensor], gt_boxes: Tensor, topk: int = 9,
         gt_boxes: ``[G, 4]`` ground-truth boxes.
         topk: ATSS candidates per level and GT: the ``topk`` anchors nearest the GT's centre.
         low: the band's lower factor.
+        diou: ``"paper"`` the true DIoU, ``"released"`` the released helper's (intersection
+            over the anchor's area minus the distance term; :func:`pairwise_diou`).
 
     Per GT g, ``t_g`` = mean + unbiased std of the IoUs of its candidates with g; an anchor a is
     in VLR(g) when ``low * t_g <= DIoU(a, g) < t_g``; an anchor several GTs claim keeps the one
@@ -73,7 +91,7 @@ def vlr_region(anchors: Sequence[Tensor], gt_boxes: Tensor, topk: int = 9,
     if gt_boxes.numel() == 0:
         return torch.zeros(r, dtype=torch.bool, device=all_anchors.device), \
             all_anchors.new_zeros(r)
-    iou = pairwise_iou(Boxes(gt_boxes), Boxes(all_anchors))  # [G, R]
+    iou = box_iou(gt_boxes, all_anchors)  # [G, R], in the boxes' dtype
     gt_c = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
     candidates = []
     start = 0
@@ -87,12 +105,23 @@ def vlr_region(anchors: Sequence[Tensor], gt_boxes: Tensor, topk: int = 9,
     cand_iou = iou.gather(1, cand)
     std = cand_iou.std(dim=1) if cand.shape[1] > 1 else torch.zeros_like(cand_iou[:, 0])
     t = cand_iou.mean(dim=1) + std  # [G]
-    diou = pairwise_diou(gt_boxes, all_anchors)
-    band = (diou >= low * t[:, None]) & (diou < t[:, None])  # [G, R]
+    d = pairwise_diou(gt_boxes, all_anchors, "iou" if diou == "paper" else "over_area2")
+    band = (d >= low * t[:, None]) & (d < t[:, None])  # [G, R]
     claimed = torch.where(band, iou, torch.full_like(iou, -1.0))
     best, _ = claimed.max(dim=0)
     in_region = best >= 0
     return in_region, torch.where(in_region, best, torch.zeros_like(best))
+
+
+#: ``MODEL.DISTILL.LD.SOFTMAX_OVER`` values: one softmax per box side over its ``n + 1`` bins (the
+#: paper, the released GFL head) or one over an anchor's ``4 (n + 1)`` logits (the released
+#: RetinaNet head)
+SOFTMAX_OVER = ("side", "anchor")
+#: ``MODEL.DISTILL.LD.KD_NORMALIZER`` values: per level by its positives, levels summed (released
+#: code), or all levels by all positives
+KD_NORMALIZERS = ("level", "all")
+#: ``MODEL.DISTILL.LD.VLR_DIOU`` values: the paper's DIoU, or the released helper's
+VLR_DIOUS = ("paper", "released")
 
 
 @register_distiller("LD")
@@ -110,14 +139,19 @@ class LDDistiller(nn.Module):
     @configurable
     def __init__(self, *, num_classes: int, reg_max: int, ld_weight: float,
                  ld_temperature: float, vlr_weight: float, vlr_exclude_positives: bool,
-                 vlr_topk: int, vlr_low: float, kd_weight: float, kd_temperature: float):
+                 vlr_topk: int, vlr_low: float, kd_weight: float, kd_temperature: float,
+                 softmax_over: str = "side", vlr_normalizer: float = 16.0,
+                 kd_normalizer: str = "level", vlr_diou: str = "paper"):
         """
         Args:
             num_classes: K; reg_max: n (``n + 1`` bins per side).
             ld_weight / ld_temperature: main LD; vlr_weight: VLR LD (same temperature);
             vlr_exclude_positives: leave the positives out of the VLR (the RetinaNet recipe);
             vlr_topk / vlr_low: ATSS candidates per level, the band's lower factor;
-            kd_weight / kd_temperature: main KD.
+            kd_weight / kd_temperature: main KD;
+            softmax_over: ``"side"`` or ``"anchor"`` (:data:`SOFTMAX_OVER`), for both LD terms;
+            vlr_normalizer: the VLR term's divisor; kd_normalizer: ``"level"`` or ``"all"``;
+            vlr_diou: the VLR band's DIoU, ``"paper"`` or ``"released"`` (:func:`vlr_region`).
         """
         super().__init__()
         node = "MODEL.DISTILL.LD"
@@ -126,17 +160,25 @@ class LDDistiller(nn.Module):
             if value < 0:
                 raise ValueError(f"{node}.{key} must be >= 0, got {value}")
         for key, value in (("LD_TEMPERATURE", ld_temperature),
-                           ("KD_TEMPERATURE", kd_temperature)):
+                           ("KD_TEMPERATURE", kd_temperature),
+                           ("VLR_NORMALIZER", vlr_normalizer)):
             if value <= 0:
                 raise ValueError(f"{node}.{key} must be > 0, got {value}")
         if vlr_topk < 1 or not 0 <= vlr_low < 1:
             raise ValueError(f"{node}.VLR_TOPK must be >= 1 and VLR_LOW in [0, 1), got "
                              f"{vlr_topk} and {vlr_low}")
+        for key, value, allowed in (("SOFTMAX_OVER", softmax_over, SOFTMAX_OVER),
+                                    ("KD_NORMALIZER", kd_normalizer, KD_NORMALIZERS),
+                                    ("VLR_DIOU", vlr_diou, VLR_DIOUS)):
+            if value not in allowed:
+                raise ValueError(f"{node}.{key} must be one of {list(allowed)}, got {value!r}")
         self.num_classes, self.bins = int(num_classes), int(reg_max) + 1
         self.ld_weight, self.ld_temperature = float(ld_weight), float(ld_temperature)
         self.vlr_weight, self.vlr_exclude_positives = float(vlr_weight), bool(vlr_exclude_positives)
         self.vlr_topk, self.vlr_low = int(vlr_topk), float(vlr_low)
         self.kd_weight, self.kd_temperature = float(kd_weight), float(kd_temperature)
+        self.softmax_over, self.vlr_normalizer = softmax_over, float(vlr_normalizer)
+        self.kd_normalizer, self.vlr_diou = kd_normalizer, vlr_diou
 
     @classmethod
     def from_config(cls, cfg, student_shapes, teacher_shapes):
@@ -169,7 +211,9 @@ class LDDistiller(nn.Module):
                 "ld_temperature": c.LD_TEMPERATURE, "vlr_weight": c.VLR_WEIGHT,
                 "vlr_exclude_positives": c.VLR_EXCLUDE_POSITIVES, "vlr_topk": c.VLR_TOPK,
                 "vlr_low": c.VLR_LOW, "kd_weight": c.KD_WEIGHT,
-                "kd_temperature": c.KD_TEMPERATURE}
+                "kd_temperature": c.KD_TEMPERATURE, "softmax_over": c.SOFTMAX_OVER,
+                "vlr_normalizer": c.VLR_NORMALIZER, "kd_normalizer": c.KD_NORMALIZER,
+                "vlr_diou": c.VLR_DIOU}
 
     def flat(self, out, role: str) -> Tuple[Tensor, Tensor]:
         """``(class logits [N, R, K], side logits [N, R, 4 (n + 1)])`` of one record, all
@@ -183,6 +227,14 @@ class LDDistiller(nn.Module):
         sides = cat([permute_to_N_HWA_K(x, width) for x in out.box_deltas], dim=1)
         return logits, sides
 
+    def anchor_levels(self, out) -> Tensor:
+        """``[R]`` the level index of each anchor of a record (head order), from its class
+        logits ``[N, A K, H_l, W_l]`` per level."""
+        sizes = [x.shape[1] // self.num_classes * x.shape[2] * x.shape[3] for x in out.cls_logits]
+        device = out.cls_logits[0].device
+        return torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                       torch.tensor(sizes, device=device))
+
     def forward(self, student, teacher, gt_instances) -> Dict[str, Tensor]:
         """``(DetectorOutputs, DetectorOutputs, list[Instances]) -> {"loss_ld", "loss_ld_vlr",
         "loss_ld_kd"}`` (the terms whose weight is > 0)."""
@@ -195,37 +247,46 @@ class LDDistiller(nn.Module):
                 "anchors (MODEL.ANCHOR_GENERATOR), classes and REG_MAX on the same grid")
         labels = torch.stack(student.anchor_labels)  # [N, R]
         pos = (labels >= 0) & (labels != self.num_classes)
-        num_pos = int(pos.sum())
         out = {}
         if self.ld_weight > 0:
-            weight = torch.sigmoid(s_cls[pos].detach()).max(dim=1).values if num_pos else \
+            weight = torch.sigmoid(s_cls[pos].detach()).max(dim=1).values if pos.any() else \
                 s_cls.new_zeros(0)
-            kl = self._side_kl(s_box[pos], t_box[pos])  # [P, 4]
-            out["loss_ld"] = self.ld_weight * (kl * weight[:, None]).sum() / 4.0
+            kl = self.box_kl(s_box[pos], t_box[pos])  # [P]
+            out["loss_ld"] = self.ld_weight * (kl * weight).sum() / 4.0
         if self.vlr_weight > 0:
-            anchors = [a.tensor for a in student.anchors]
+            # boxes in the logits' precision, at least float32 (detectron2's Boxes hold float32)
+            dtype = torch.promote_types(s_box.dtype, torch.float32)
+            anchors = [a.tensor.to(dtype) for a in student.anchors]
             region, value = [], []
             for i, inst in enumerate(gt_instances):
-                r, v = vlr_region(anchors, inst.gt_boxes.tensor.to(s_box.device),
-                                  self.vlr_topk, self.vlr_low)
+                r, v = vlr_region(anchors, inst.gt_boxes.tensor.to(s_box.device, dtype),
+                                  self.vlr_topk, self.vlr_low, self.vlr_diou)
                 if self.vlr_exclude_positives:
                     r = r & ~pos[i]
                 region.append(r)
                 value.append(v)
             region, value = torch.stack(region), torch.stack(value)
-            kl = self._side_kl(s_box[region], t_box[region])
-            out["loss_ld_vlr"] = self.vlr_weight * (kl * value[region][:, None]).sum() / 4.0
+            kl = self.box_kl(s_box[region], t_box[region])  # [V]
+            out["loss_ld_vlr"] = self.vlr_weight * (kl * value[region]).sum() / self.vlr_normalizer
         if self.kd_weight > 0:
-            kd = bin_kl(s_cls[pos], t_cls[pos], self.kd_temperature)
-            out["loss_ld_kd"] = self.kd_weight * kd.sum() / max(num_pos, 1)
+            kd = bin_kl(s_cls[pos], t_cls[pos], self.kd_temperature)  # [P]
+            if self.kd_normalizer == "all":
+                out["loss_ld_kd"] = self.kd_weight * kd.sum() / max(int(pos.sum()), 1)
+            else:
+                level = self.anchor_levels(student).expand_as(pos)[pos]  # [P]
+                num_levels = len(student.cls_logits)
+                sums = kd.new_zeros(num_levels).index_add(0, level, kd)
+                counts = torch.bincount(level, minlength=num_levels).clamp_min(1)
+                out["loss_ld_kd"] = self.kd_weight * (sums / counts).sum()
         return out
 
     def region_details(self, student, teacher, gt_instances, image: int = 0) -> Dict[str, Tensor]:
         """What the terms see on one image, for pictures (no grad): ``anchors`` ``[R, 4]``,
         ``positive`` ``[R]`` (the main region) with ``weight`` (the student's max class score),
         ``vlr`` ``[R]`` with ``vlr_iou`` (after the positives' exclusion when it applies), the
-        side distributions at temperature 1 ``s_prob``/``t_prob`` ``[R, 4, n + 1]`` and each
-        anchor's matched GT box ``gt_boxes`` ``[R, 4]``."""
+        side distributions at temperature 1 ``s_prob``/``t_prob`` ``[R, 4, n + 1]`` (per side,
+        as the box is decoded, whatever ``SOFTMAX_OVER``) and each anchor's matched GT box
+        ``gt_boxes`` ``[R, 4]``."""
         with torch.no_grad():
             s_cls, s_box = self.flat(student, "student")
             _, t_box = self.flat(teacher, "teacher")
@@ -233,7 +294,7 @@ class LDDistiller(nn.Module):
             positive = (labels >= 0) & (labels != self.num_classes)
             anchors = [a.tensor for a in student.anchors]
             vlr, iou = vlr_region(anchors, gt_instances[image].gt_boxes.tensor.to(s_box.device),
-                                  self.vlr_topk, self.vlr_low)
+                                  self.vlr_topk, self.vlr_low, self.vlr_diou)
             if self.vlr_exclude_positives:
                 vlr = vlr & ~positive
             shape = (s_box.shape[1], 4, self.bins)
@@ -244,8 +305,12 @@ class LDDistiller(nn.Module):
                     "t_prob": F.softmax(t_box[image].reshape(shape), dim=-1),
                     "gt_boxes": student.anchor_gt_boxes[image]}
 
-    def _side_kl(self, s_box: Tensor, t_box: Tensor) -> Tensor:
-        """``[M, 4 (n + 1)]`` twice -> ``[M, 4]`` the KL of each side (:func:`bin_kl`)."""
+    def box_kl(self, s_box: Tensor, t_box: Tensor) -> Tensor:
+        """``[M, 4 (n + 1)]`` twice -> ``[M]`` each anchor's KL at the LD temperature
+        (:func:`bin_kl`): the sum of its 4 sides' KLs (``SOFTMAX_OVER "side"``) or one KL over
+        its ``4 (n + 1)`` logits (``"anchor"``)."""
+        if self.softmax_over == "anchor":
+            return bin_kl(s_box, t_box, self.ld_temperature)
         m = s_box.shape[0]
         return bin_kl(s_box.reshape(-1, self.bins), t_box.reshape(-1, self.bins),
-                      self.ld_temperature).reshape(m, 4)
+                      self.ld_temperature).reshape(m, 4).sum(dim=1)

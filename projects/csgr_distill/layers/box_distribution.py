@@ -1,5 +1,5 @@
 """Boxes as distributions over side distances (GFL, Li et al., NeurIPS 2020; the box
-representation LD distils, ``shared/methods/LD.md``).
+representation LD distils, ``docs/methods/LD.md``).
 
 For each anchor and each side (left, top, right, bottom) a head predicts ``n + 1`` logits over the
 distances ``0, 1, ..., n`` in units of the level's stride; the side length is the expectation
@@ -11,7 +11,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["DistributionBoxTransform", "distribution_focal_loss", "integral"]
+__all__ = ["DistributionBoxTransform", "distribution_focal_loss", "integral", "TARGET_MARGIN"]
+
+#: side targets stop this far below n, so DFL's right bin ``floor(y) + 1`` stays <= n (GFL's eps)
+TARGET_MARGIN = 0.1
 
 
 def integral(logits: Tensor) -> Tensor:
@@ -23,7 +26,8 @@ def integral(logits: Tensor) -> Tensor:
 def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
     """GFL's Distribution Focal Loss per side, ``[M, n + 1]``, ``[M]`` -> ``[M]``:
     ``-((y_r - y) log S_l + (y - y_l) log S_r)`` with ``y_l = floor(y)``, ``y_r = y_l + 1``
-    (the target must lie in ``[0, n)``; :meth:`DistributionBoxTransform.side_targets` clamps)."""
+    (the target must lie in ``[0, n)``; :meth:`DistributionBoxTransform.side_targets` clamps to
+    ``[0, n - 0.1]``, as GFL)."""
     left = target.floor().long()
     right = left + 1
     w_left = right.to(target.dtype) - target
@@ -100,13 +104,14 @@ class DistributionBoxTransform:
 
     def side_targets(self, anchors: Tensor, gt_boxes: Tensor) -> Tensor:
         """``[R, 4]`` anchors and their matched boxes -> ``[R, 4]`` distances from the anchor
-        centre to each side in strides, clamped to ``[0, n - 0.01]`` (DFL's range)."""
+        centre to each side in strides, clamped to ``[0, n - 0.1]`` (DFL's range, with GFL's
+        margin: mmdet's ``bbox2distance(..., max_dis=n, eps=0.1)``)."""
         s = self.strides_of(anchors)[:, None]
         cx = (anchors[:, 0] + anchors[:, 2]) / 2
         cy = (anchors[:, 1] + anchors[:, 3]) / 2
         d = torch.stack([cx - gt_boxes[:, 0], cy - gt_boxes[:, 1], gt_boxes[:, 2] - cx,
                          gt_boxes[:, 3] - cy], dim=1) / s
-        return d.clamp(0, self.reg_max - 0.01)
+        return d.clamp(0, self.reg_max - TARGET_MARGIN)
 
     def get_deltas(self, src_boxes: Tensor, target_boxes: Tensor) -> Tensor:
         raise NotImplementedError(

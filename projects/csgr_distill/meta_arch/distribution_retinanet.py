@@ -1,5 +1,5 @@
 """DistributionRetinaNet: detectron2's RetinaNet with a distribution box branch (GFL's box
-representation, which LD distils; ``shared/methods/LD.md``), and its distillation variant.
+representation, which LD distils; ``docs/methods/LD.md``), and its distillation variant.
 
 Only the box branch changes: the head's ``bbox_pred`` predicts ``4 (n + 1)`` logits per anchor
 (``n = MODEL.RETINANET.REG_MAX``) instead of 4 deltas, and the model's ``box2box_transform`` is a
