@@ -176,3 +176,88 @@ def test_visualize_draws_a_detr_student_and_its_csgr_attention_on_res5(teachers,
     names = sorted(os.path.basename(p).split("_", 3)[-1] for p in written)
     assert names == ["csgr_category_attention.png", "csgr_criss_cross.png", "detections.png"]
     assert all(cv2.imread(p) is not None for p in written)
+
+
+#: Deformable DETR's official variants (--with_box_refine; --with_box_refine --two_stage)
+MODES = {"box_refine": ["MODEL.DETR.WITH_BOX_REFINE", "True"],
+         "two_stage": ["MODEL.DETR.WITH_BOX_REFINE", "True", "MODEL.DETR.TWO_STAGE", "True"]}
+
+
+@pytest.fixture(scope="module")
+def variant_teachers(tmp_path_factory):
+    """A demo Deformable DETR teacher of each variant (random weights)."""
+    tmp = tmp_path_factory.mktemp("deformable_variant_teachers")
+    return {mode: write_model(tmp, load_config(os.path.join(
+        REPO, "configs/demo/teacher-DeformableDETR-R18-wide.yaml"), SMALL + opts,
+        check_steps=False), mode)[:2] for mode, opts in MODES.items()}
+
+
+def _variant_student(mode, teacher):
+    return load_config(os.path.join(REPO, "configs/demo/DETRDistill-DeformableDETR-R18.yaml"),
+                       SMALL + MODES[mode] + ["MODEL.DISTILL.TEACHER.CONFIG", teacher[0],
+                                              "MODEL.DISTILL.TEACHER.WEIGHTS", teacher[1]],
+                       check_steps=False)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_box_refine_and_two_stage_record_for_distillation(mode, variant_teachers):
+    """Student and teacher records of both variants: every layer's predictions from that layer's
+    own heads, the queries (two-stage: the encoder's proposals), the extra decoder pass with the
+    teacher's queries (differentiable, reaching every layer's head), and a DETRDistill step."""
+    model = build_model(_variant_student(mode, variant_teachers[mode])).train()
+    batch = fake_batch()
+    fields = ("pred_logits", "pred_boxes", "query_embeds", "object_queries", "memory",
+              "softmax", "matches", "decoder", "encoder_inputs")
+    with EventStorage(0):
+        with model._recording({}, model.recorder.capture_methods(model, fields)) as rec:
+            losses = super(type(model), model).forward(batch)
+    student = model.recorder.from_hooks(model, rec, batch, fields)
+    with torch.no_grad():
+        teacher = model.run_teacher(batch, student, fields[:-2])
+    layers, n, q, k = 2, 2, 10, 6
+    queries = (n, q, 4) if mode == "two_stage" else (q, 128)
+    for record, heads in ((student, model.detector.class_embed),
+                          (teacher, model.teacher.model.detector.class_embed)):
+        assert record.pred_logits.shape == (layers, n, q, k)
+        assert tuple(record.object_queries.shape) == queries
+        for layer in range(layers):  # each layer's logits from its own head
+            assert torch.allclose(record.pred_logits[layer],
+                                  heads[layer](record.query_embeds[layer]), atol=1e-5)
+        assert len(record.matches) == layers
+    assert (model.detector.class_embed[0].weight
+            is not model.detector.class_embed[1].weight)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert ("loss_ce_enc" in losses) == (mode == "two_stage")
+    with EventStorage(0):
+        extra = student.decoder(teacher.object_queries.detach())
+    assert extra["pred_logits"].shape == (layers, n, q, k)
+    extra["pred_logits"].sum().backward()
+    for layer in range(layers):
+        assert model.detector.class_embed[layer].weight.grad.abs().sum() > 0
+    with EventStorage(0):
+        distilled = model(batch)
+    assert any(key.startswith("loss_detrdistill") for key in distilled)
+    assert all(torch.isfinite(v) for v in distilled.values())
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_box_refine_and_two_stage_train_with_and_without_distillation(mode, variant_teachers,
+                                                                       tmp_path, tiny_shapes):
+    """2 iterations of tools/train_net.py on the tiny shapes: the plain demo student of each
+    variant, then the DETRDistill demo student taught by a teacher of the same variant."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import train_net
+
+    train_net.cli(["--config-file", os.path.join(REPO, "configs/demo/DeformableDETR-R18.yaml"),
+                   *SMALL, *MODES[mode], *_tiny_opts(tmp_path / "plain")])
+    keys = logged_keys(tmp_path / "plain")
+    assert {"loss_ce", "loss_ce_0"} <= keys
+    assert ("loss_ce_enc" in keys) == (mode == "two_stage")
+    train_net.cli(["--config-file",
+                   os.path.join(REPO, "configs/demo/DETRDistill-DeformableDETR-R18.yaml"),
+                   *SMALL, *MODES[mode], *_tiny_opts(tmp_path / "distilled"),
+                   "MODEL.DISTILL.TEACHER.CONFIG", variant_teachers[mode][0],
+                   "MODEL.DISTILL.TEACHER.WEIGHTS", variant_teachers[mode][1]])
+    keys = logged_keys(tmp_path / "distilled")
+    assert any(key.startswith("loss_detrdistill") for key in keys)
+    assert ("loss_ce_enc" in keys) == (mode == "two_stage")

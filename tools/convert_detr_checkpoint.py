@@ -7,9 +7,13 @@ into the model of ``--config-file``:
 * ``--format official-deformable-detr``: fundamentalvision/Deformable-DETR's (``transformer.*``
   renamed to transformers' modules, the decoder's ``in_proj`` split into q/k/v) ->
   ``DeformableDetr``;
-* ``--format hf-deformable-detr``: a transformers ``DeformableDetrForObjectDetection`` state dict
-  with a transformers ResNet backbone (``model.backbone.model.``; a ``.pth`` of
-  ``model.state_dict()``, or ``{"model": ...}``) -> ``DeformableDetr``.
+* ``--format hf-deformable-detr``: a transformers ``DeformableDetrForObjectDetection`` with a
+  ResNet backbone (a transformers ResNet, or a timm ResNet as the hub's
+  ``SenseTime/deformable-detr*`` checkpoints): a ``save_pretrained`` folder, its
+  ``model.safetensors``, or a ``.pth`` of ``model.state_dict()`` (or ``{"model": ...}``) ->
+  ``DeformableDetr``; the heads ``save_pretrained`` leaves out (tied) are filled from the names
+  it kept. Other backbones (timm ConvNeXt, Swin, ResNet-D, ...) cannot be converted: the port's
+  backbone is a detectron2 ResNet. docs/detr_port.md has the details.
 
 
     tools/convert_detr_checkpoint.py --input detr-r50-e632da11.pth --output detr_r50_port.pth \\
@@ -30,15 +34,18 @@ from detectron2.modeling import build_model
 import csgr_distill  # noqa: F401  (registers Detr)
 from csgr_distill.cli import CliError, add_debug_argument, run_cli
 from csgr_distill.config import load_config
-from csgr_distill.detr_port.convert import (coco_ids_to_contiguous, hf_deformable_detr_to_port,
+from csgr_distill.detr_port.convert import (coco_ids_to_contiguous, fill_shared_heads,
+                                            hf_deformable_detr_to_port,
                                             official_deformable_detr_to_port,
-                                            official_detr_to_port)
+                                            official_detr_to_port, read_state_dict)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="official DETR checkpoint (.pth)")
+    p.add_argument("--input", required=True,
+                   help="the checkpoint: a .pth; for hf-deformable-detr also a .safetensors file "
+                        "or a save_pretrained folder")
     p.add_argument("--output", required=True, help="converted checkpoint (.pth)")
     p.add_argument("--config-file", required=True,
                    help="the Detr config the weights are for (checked by a strict load)")
@@ -49,15 +56,20 @@ def main(argv=None):
     add_debug_argument(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides")
     args = p.parse_args(argv)
-    loaded = torch.load(args.input, map_location="cpu", weights_only=False)
-    state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
-    marker = "model.backbone.model." if args.format == "hf-deformable-detr" else "backbone.0.body."
-    if not isinstance(state, dict) or not any(k.startswith(marker) for k in state):
-        raise CliError(f"--input {args.input}: not a {args.format} checkpoint (expected a state "
-                       f"dict, or {{'model': state_dict}}, with {marker}* keys)")
-    converted = {"official-detr": official_detr_to_port,
-                 "official-deformable-detr": official_deformable_detr_to_port,
-                 "hf-deformable-detr": hf_deformable_detr_to_port}[args.format](state)
+    try:
+        state = read_state_dict(args.input)
+    except (ValueError, OSError) as e:
+        raise CliError(f"--input: {e}") from e
+    marker = "model.backbone." if args.format == "hf-deformable-detr" else "backbone.0.body."
+    if not any(k.startswith(marker) for k in state):
+        raise CliError(f"--input {args.input}: not a {args.format} checkpoint (no {marker}* "
+                       "keys)")
+    try:
+        converted = {"official-detr": official_detr_to_port,
+                     "official-deformable-detr": official_deformable_detr_to_port,
+                     "hf-deformable-detr": hf_deformable_detr_to_port}[args.format](state)
+    except KeyError as e:
+        raise CliError(f"--input {args.input}: {e.args[0]}") from e
     if args.coco_to_contiguous:
         try:
             if args.format == "official-detr":
@@ -72,6 +84,13 @@ def main(argv=None):
                       check_steps=False)
     model = build_model(cfg)
     own = model.state_dict()
+    if args.format == "hf-deformable-detr":
+        converted, from_first = fill_shared_heads(converted, own)
+        if from_first and cfg.MODEL.DETR.WITH_BOX_REFINE:
+            print(f"Note: {len(from_first)} head tensors of decoder layers 1.. are layer 0's: the "
+                  "checkpoint has one class head for every layer (transformers >= 5 ties box "
+                  "refinement's class heads when it trains and saves); the official model and "
+                  "this port have one per layer, which start equal here")
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in converted.items()
               if k in own and own[k].shape != v.shape]
     missing = sorted(set(own) - set(converted))

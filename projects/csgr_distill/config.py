@@ -293,12 +293,16 @@ def add_detr_config(cfg):
     # backbone levels the transformer reads, by the backbone's names: DETR reads res5 only;
     # Deformable DETR res3-res5 (plus NUM_FEATURE_LEVELS - 3 levels made by strided convs)
     d.IN_FEATURES = ["res5"]
+    # object queries (DETR 100, Deformable DETR 300); two-stage Deformable DETR: the number of
+    # encoder proposals kept as queries (the official two_stage_num_proposals = num_queries)
     d.NUM_QUERIES = 100
     d.HIDDEN_DIM = 256  # d_model
     d.NHEADS = 8
     d.ENC_LAYERS = 6
     d.DEC_LAYERS = 6
     d.DIM_FEEDFORWARD = 2048
+    # 0.1 in both official codes. Deformable DETR: on every residual branch, the FFN activations
+    # and the decoder self-attention's probabilities, not on the encoder input (docs/detr_port.md)
     d.DROPOUT = 0.1
     d.PRE_NORM = False  # DETR: post-norm layers
     # losses at every decoder layer (DETR's auxiliary decoding losses)
@@ -310,12 +314,15 @@ def add_detr_config(cfg):
     # DETR: weight of the no-object class in the cross-entropy (eos_coef)
     d.NO_OBJECT_WEIGHT = 0.1
     # Deformable DETR only: levels (res3-res5 + extra), sampling points, focal loss alpha,
-    # iterative box refinement, two-stage
+    # iterative box refinement, two-stage (official defaults: 4, 4, 4, 0.25, off, off)
     d.NUM_FEATURE_LEVELS = 4
     d.ENC_N_POINTS = 4
     d.DEC_N_POINTS = 4
     d.FOCAL_ALPHA = 0.25
+    # every decoder layer refines the previous layer's boxes, with its own class and box heads
     d.WITH_BOX_REFINE = False
+    # the queries are the encoder's NUM_QUERIES best proposals, trained by the class-agnostic
+    # encoder losses loss_*_enc (with AUX_LOSS, as the official code); needs WITH_BOX_REFINE
     d.TWO_STAGE = False
     return cfg
 

@@ -7,19 +7,25 @@ The official DETR code keeps a torchvision ResNet under ``backbone.0.body.`` (``
 ``query_embed.*``, ``input_proj.*``) has the same name in both.
 
 A Hugging Face ``DeformableDetrForObjectDetection`` keeps its ResNet under
-``model.backbone.model.`` (``embedder.embedder``, ``encoder.stages.S.layers.B.layer.K`` /
-``.shortcut``, each a ``convolution`` + ``normalization``); the port's ``DeformableDetr`` keeps
-the detectron2 ResNet under ``backbone.`` and the rest of the library's model under
-``detector.``.
+``model.backbone.model.`` (a transformers ResNet: ``embedder.embedder``,
+``encoder.stages.S.layers.B.layer.K`` / ``.shortcut``, each a ``convolution`` +
+``normalization``; a timm ResNet, as the hub's ``SenseTime/deformable-detr*`` checkpoints: the
+torchvision names); the port's ``DeformableDetr`` keeps the detectron2 ResNet under ``backbone.``
+and the rest of the library's model under ``detector.``. What ``save_pretrained`` writes has
+older names (``model.backbone.conv_encoder.model.``, ``layers.N.fc1``, ``self_attn.out_proj``:
+transformers' own conversion mapping turns them into the in-memory ones) and leaves out the heads
+it ties (:func:`fill_shared_heads` puts them back).
 """
+import json
+import os
 import re
-from typing import Dict, Mapping
+from typing import Dict, Iterable, List, Mapping, Tuple
 
 import torch
 
 __all__ = ["torchvision_resnet_to_detectron2", "official_detr_to_port", "coco_ids_to_contiguous",
-           "hf_resnet_to_detectron2", "hf_deformable_detr_to_port",
-           "official_deformable_detr_to_port"]
+           "hf_resnet_to_detectron2", "hf_deformable_detr_to_port", "fill_shared_heads",
+           "official_deformable_detr_to_port", "read_state_dict"]
 
 
 def torchvision_resnet_to_detectron2(key: str) -> str:
@@ -92,19 +98,112 @@ def hf_resnet_to_detectron2(key: str) -> str:
     return f"res{stage}.{block}.{conv}.{norm}{m.group(6)}"
 
 
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The state dict in ``path``: a ``save_pretrained`` folder (``model.safetensors``, its
+    sharded ``model.safetensors.index.json``, or ``pytorch_model.bin``), a ``.safetensors``
+    file, or a torch file (a state dict, or ``{"model": state_dict}`` as detectron2 and the
+    official DETR code save). Raises ``ValueError`` naming what it looked for."""
+    from safetensors.torch import load_file
+
+    if os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(load_file(os.path.join(path, shard)))
+            return state
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.isfile(os.path.join(path, name)):
+                return read_state_dict(os.path.join(path, name))
+        raise ValueError(f"{path}: a folder without model.safetensors, "
+                         "model.safetensors.index.json or pytorch_model.bin (not a "
+                         "save_pretrained folder)")
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    loaded = torch.load(path, map_location="cpu", weights_only=False)
+    state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict, nor {{'model': state_dict}}")
+    return state
+
+
+def _transformers_names(keys: Iterable[str]) -> Dict[str, str]:
+    """Each key as ``save_pretrained`` writes it -> its in-memory name, by transformers' own
+    conversion mapping for ``deformable_detr`` (in-memory names pass unchanged)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    rules = get_checkpoint_conversion_mapping("deformable_detr")
+    names = {}
+    for key in keys:
+        name = key
+        for rule in rules:
+            name, _ = rule.rename_source_key(name)
+        names[key] = name
+    return names
+
+
 def hf_deformable_detr_to_port(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A transformers ``DeformableDetrForObjectDetection`` state dict (ResNet backbone) -> this
-    port's :class:`DeformableDetr` state dict."""
+    """A transformers ``DeformableDetrForObjectDetection`` state dict, in memory
+    (``model.state_dict()``) or as ``save_pretrained`` writes it, with a ResNet backbone (a
+    transformers ResNet, or a timm ResNet with torchvision's names, as the hub's
+    ``SenseTime/deformable-detr*``) -> this port's :class:`DeformableDetr` state dict, heads not
+    yet completed (:func:`fill_shared_heads`). Another backbone raises ``KeyError``: the port's
+    backbone is a detectron2 ResNet."""
     out = {}
     prefix = "model.backbone.model."
+    names = _transformers_names(state)
     for key, value in state.items():
+        key = names[key]
         if key.startswith(prefix):
             if key.endswith("num_batches_tracked"):
                 continue
-            out["backbone." + hf_resnet_to_detectron2(key[len(prefix):])] = value
+            rest = key[len(prefix):]
+            rest = rest[len("_backbone."):] if rest.startswith("_backbone.") else rest
+            if rest.startswith(("embedder.", "encoder.stages.")):
+                out["backbone." + hf_resnet_to_detectron2(rest)] = value
+            elif re.match(r"(conv1|bn1|layer[1-4])\.", rest):
+                out["backbone." + torchvision_resnet_to_detectron2(rest)] = value
+            else:
+                raise KeyError(
+                    f"backbone key {key!r} is neither a transformers ResNet's nor a timm / "
+                    "torchvision ResNet's: the port's backbone is a detectron2 ResNet, so "
+                    "checkpoints with other backbones (timm ConvNeXt, Swin, ResNet-D, ...) "
+                    "cannot be converted")
         else:
             out["detector." + key] = value
     return out
+
+
+_HEAD_KEY = re.compile(r"^detector\.(?:model\.decoder\.)?(class_embed|bbox_embed)\.(\d+)\.(.+)$")
+
+
+def fill_shared_heads(state: Mapping[str, torch.Tensor], wanted: Iterable[str]
+                      ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """Complete the per-layer heads a transformers checkpoint leaves out for the port's keys
+    ``wanted``. Every head lives under ``detector.class_embed.N`` / ``detector.bbox_embed.N``
+    and, with box refinement (two-stage), also ``detector.model.decoder.bbox_embed.N``
+    (``class_embed.N``); ``save_pretrained`` writes one name per tensor it ties. A missing head
+    of layer N is taken from the same layer's other name, else from layer 0 (a checkpoint with
+    one head shared by every layer: without box refinement, as the official model, or a box
+    refinement saved by transformers >= 5, which ties its class heads). Returns the completed
+    dict and the keys taken from layer 0."""
+    out, from_first = dict(state), []
+    for key in wanted:
+        m = _HEAD_KEY.match(key)
+        if key in out or m is None:
+            continue
+        head, layer, rest = m.groups()
+        homes = [f"detector.{head}.{{}}.{rest}", f"detector.model.decoder.{head}.{{}}.{rest}"]
+        same_layer = [h.format(layer) for h in homes if h.format(layer) in state]
+        first = [h.format(0) for h in homes if h.format(0) in state]
+        if same_layer:
+            out[key] = state[same_layer[0]]
+        elif first:
+            out[key] = state[first[0]]
+            from_first.append(key)
+    return out, from_first
 
 
 #: official Deformable DETR (fundamentalvision/Deformable-DETR) -> transformers names, applied in

@@ -30,7 +30,8 @@ class DetrRecorder(Recorder):
                    "each image's unpadded size",
         query_embeds="[L, N, Q, D] the decoder's output queries of every layer",
         object_queries="[Q, D'] the learned object queries (Deformable DETR: query + position, "
-                       "D' = 2D)",
+                       "D' = 2D; two-stage Deformable DETR: [N, Q, 4] the encoder proposals its "
+                       "queries are made from, cxcywh before the sigmoid)",
         memory="the encoder's output (DETR: [S, N, D] or its detr layout; Deformable DETR: "
                "[N, S, D])",
         softmax="bool: True when pred_logits are softmax logits over K + 1 classes",
