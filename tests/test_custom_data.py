@@ -335,7 +335,7 @@ def test_voc_unknown_class_names_the_xml_and_the_list(tmp_path):
     (lambda d: d["annotations"][0].update(category_id=7), "category_id that is not among"),
     (lambda d: d["annotations"][1].pop("area"), "have no 'area'"),
     (lambda d: d["annotations"][1].pop("bbox"), "have no bbox"),
-    (lambda d: d["images"][0].pop("width"), "lack file_name, width or height"),
+    (lambda d: d["images"][0].pop("width"), "lack id, file_name, width or height"),
     (lambda d: d["categories"].append({"id": 9, "name": "cat"}), "repeated category"),
 ])
 def test_coco_content_errors_name_the_json(tmp_path, edit, match):
@@ -355,21 +355,28 @@ def test_invalid_json_names_the_file(tmp_path):
 
 
 def test_missing_image_files_are_an_error_listing_them(tmp_path):
+    """At registration (every image file is checked then), and at loading when a file went
+    missing since."""
     json_file, image_root = make_coco(str(tmp_path))
     os.remove(os.path.join(image_root, "sub", "b.png"))
     name = _fresh("noimage")
-    D.register_from_cfg(_cfg([[name, "coco", json_file, image_root]]))
     with pytest.raises(D.DatasetFileNotFoundError) as e:
-        DatasetCatalog.get(name)
+        D.register_from_cfg(_cfg([[name, "coco", json_file, image_root]]))
     msg = str(e.value)
     assert "1 of 2 images listed in " + json_file in msg
     assert os.path.join(image_root, "sub", "b.png") in msg and "IMAGE_DIR" in msg
+    assert name not in DatasetCatalog.list()
+    _image(os.path.join(image_root, "sub", "b.png"), 64, 64)
+    D.register_from_cfg(_cfg([[name, "coco", json_file, image_root]]))
+    os.remove(os.path.join(image_root, "a.png"))
+    with pytest.raises(D.DatasetFileNotFoundError, match="a.png"):
+        DatasetCatalog.get(name)
     voc = make_voc(str(tmp_path / "v"))
     os.remove(os.path.join(voc, "JPEGImages", "000001.jpg"))
     vname = _fresh("noimage_voc")
-    D.register_from_cfg(_cfg([[vname, "voc", voc, "train"]]))
-    with pytest.raises(D.DatasetFileNotFoundError, match="000001.jpg"):
-        DatasetCatalog.get(vname)
+    with pytest.raises(D.DatasetFileNotFoundError, match="000001.jpg") as e:
+        D.register_from_cfg(_cfg([[vname, "voc", voc, "train"]]))
+    assert "as <id>.jpg (or .jpeg, .png" in str(e.value)
 
 
 def test_boxes_outside_their_image_are_clipped_or_skipped_and_counted(tmp_path, caplog):

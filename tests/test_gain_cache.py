@@ -457,3 +457,50 @@ def test_no_seed_is_refused_with_the_flags_named(tmp_path, fake):
     with pytest.raises(SystemExit, match="--seeds 0 --first-seed 0"):
         _run(tmp_path, seeds=0)
     assert fake.calls == []
+
+
+def test_edited_data_retrains_the_teacher_and_every_student(tmp_path, fake):
+    """Runs are keyed on the datasets' content (the annotation files' sha1, the image list with
+    file sizes), so editing the json of a --register-dataset set retrains everything that used
+    it (before: the teacher and every student came back "(cached)")."""
+    import uuid
+
+    import csgr_distill.data as D
+    from test_custom_data import _image, make_coco
+
+    json_file, images = make_coco(str(tmp_path / "data"))
+    name = f"gain_{uuid.uuid4().hex[:8]}"
+    data_opts = D.pipeline_overrides([f"{name}=coco:{json_file}:{images}"], name, name)
+    first = _run(tmp_path, data_opts=data_opts)
+    assert (fake.count("teacher"), fake.count("eval"), fake.count("student")) == (1, 1, 2)
+    assert _cached(_run(tmp_path, data_opts=data_opts)) == {gain.BASELINE: [True], CSGR: [True]}
+    assert fake.count("student") == 2
+
+    with open(json_file) as f:
+        data = json.load(f)
+    data["annotations"][0]["bbox"][0] += 1.0  # one box moved
+    with open(json_file, "w") as f:
+        json.dump(data, f)
+    edited = _run(tmp_path, data_opts=data_opts)
+    assert (fake.count("teacher"), fake.count("eval"), fake.count("student")) == (2, 2, 4)
+    assert not edited["teacher"]["cached"]
+    assert _cached(edited) == {gain.BASELINE: [False], CSGR: [False]}
+    assert edited["runs"][CSGR][0]["key"] != first["runs"][CSGR][0]["key"]
+    folder = tmp_path / "work" / "runs" / "CSGR" / f"seed0-{edited['runs'][CSGR][0]['key']}"
+    material = json.loads((folder / "final.json").read_text())["key_material"]
+    assert material["data"][name]["num_images"] == 2
+
+    _image(os.path.join(images, "a.png"), 64, 48)  # re-exported: same name, other file
+    with open(os.path.join(images, "a.png"), "ab") as f:
+        f.write(b"\0" * 7)  # (PNG bytes after IEND: another size, the same pixels)
+    assert _cached(_run(tmp_path, data_opts=data_opts)) == {gain.BASELINE: [False],
+                                                            CSGR: [False]}
+
+
+def test_generated_shapes_runs_keep_their_keys(tmp_path, fake):
+    """The shapes sets have no fingerprint (their content follows from the generator's code,
+    in the key through code_version): their key material is what it was before datasets were
+    fingerprinted, so their keys and existing caches stay valid."""
+    _run(tmp_path)
+    for final in (tmp_path / "work").rglob("final.json"):
+        assert "data" not in json.loads(final.read_text())["key_material"], final

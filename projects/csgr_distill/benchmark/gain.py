@@ -17,11 +17,14 @@ a *key*, the first 12 hex digits of its sha1 (:func:`cache_key`); the key is par
 
 ``final.json`` is ``{"key": str, "key_material": dict, "result": dict}``; a folder is reused only
 if its ``final.json`` holds the same material. Folders of the old layout (no key) are never read.
-A student is keyed by its iterations, seed, eval points, overrides, merged config, the teacher
+A student is keyed by its iterations, seed, eval points, overrides, merged config, the data's
+content (:func:`data_material`: the annotation files' sha1 and the image list with file sizes of
+the training and test sets; none for the generated ``shapes`` sets), the teacher
 (sha1 of the weights file, teacher config, teacher iterations; none when distillation is off: the
 baseline never builds the teacher), the code (:func:`code_version`) and the torch/detectron2
-versions. Every result says whether it came from the cache (``"cached": true``), and so do the
-progress lines and the markdown (a "cached runs" footnote and the teacher line).
+versions; the teacher by its training set's content too, its evaluation by the test set's.
+Every result says whether it came from the cache (``"cached": true``), and so do the progress
+lines and the markdown (a "cached runs" footnote and the teacher line).
 
 Resuming. Every run saves a checkpoint each :data:`CHECKPOINT_PERIOD` iterations; a run killed
 before it finished (a session's end, a lost machine) continues from its last checkpoint when the
@@ -40,6 +43,7 @@ import statistics
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..data.fingerprint import dataset_fingerprint, file_sha1
 from ..distillers import registered_distillers
 from ..teacher import REPO_ROOT
 from .common import (DETRDISTILL_COMPONENTS, NO_VALUE, header_lines, machine_info, markdown_table,
@@ -324,13 +328,20 @@ CODE_EXCLUDE = ("projects/csgr_distill/benchmark", "projects/csgr_distill/vis")
 CODE_FILES = ("tools/train_net.py",)
 
 
-def file_sha1(path: str) -> str:
-    """sha1 hex digest (40 chars) of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def data_material(cfg, keys: Sequence[str] = ("TRAIN", "TEST")) -> Dict[str, dict]:
+    """name -> :func:`csgr_distill.data.dataset_fingerprint` (the annotation files' sha1, the
+    image list with file sizes) of every set of ``cfg.DATASETS.<key>`` that has one. The
+    generated ``shapes`` sets have none (their content follows from the code, keyed by
+    :func:`code_version`), so the material of a run on them is what it was before datasets were
+    fingerprinted, and so is its key."""
+    return {name: fp for key in keys for name in cfg.DATASETS[key]
+            for fp in [dataset_fingerprint(name)] if fp is not None}
+
+
+def _with_data(material: dict, cfg, keys: Sequence[str]) -> dict:
+    """``material`` plus ``"data"``: :func:`data_material`, when any set has a fingerprint."""
+    data = data_material(cfg, keys)
+    return dict(material, data=data) if data else material
 
 
 def code_version() -> str:
@@ -436,9 +447,9 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: 
         opts = list(data_opts) + ["DATASETS.TEST", "()"] + _schedule(iters)
         config = config or TEACHER_CFG
         cfg = teacher_cfg(opts, config)
-        material = {"run": "teacher", "iters": int(cfg.SOLVER.MAX_ITER),
-                    "overrides": _opts_str(opts), "config": _config_text(cfg), "code": code,
-                    "libraries": libraries()}
+        material = _with_data({"run": "teacher", "iters": int(cfg.SOLVER.MAX_ITER),
+                               "overrides": _opts_str(opts), "config": _config_text(cfg),
+                               "code": code, "libraries": libraries()}, cfg, ("TRAIN",))
         tdir = os.path.join(out, f"teacher-{cache_key(material)}")
         weights = os.path.join(tdir, "model_final.pth")
         stored = _load_cached(tdir, material)
@@ -452,9 +463,10 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: 
                     resumed_from=stored.get("resumed_from", []))
     sha1 = file_sha1(weights)
     opts = list(data_opts) + ["MODEL.WEIGHTS", weights]
-    material = {"run": "teacher eval", "weights_sha1": sha1,
-                "config": _config_text(teacher_cfg(list(data_opts), config)), "code": code,
-                "libraries": libraries()}
+    eval_cfg = teacher_cfg(list(data_opts), config)
+    material = _with_data({"run": "teacher eval", "weights_sha1": sha1,
+                           "config": _config_text(eval_cfg), "code": code,
+                           "libraries": libraries()}, eval_cfg, ("TEST",))
     eval_dir = os.path.join(out, f"teacher_eval-{cache_key(material)}")
     metrics = _load_cached(eval_dir, material)
     info["eval_cached"] = metrics is not None
@@ -475,7 +487,8 @@ def student_material(base_cfg, run_opts: List, opts: List, seed: int, iters: int
                      eval_points: int, teacher: dict, code: str) -> dict:
     """What defines one student run, as a JSON-able dict: {"run": "student", "iters", "seed",
     "eval_points", "overrides" (the run's own, as strings), "config" (the merged student config
-    as YAML text, :func:`_config_text`), "teacher", "code", "libraries"}.
+    as YAML text, :func:`_config_text`), "teacher", "code", "libraries"} and "data" (the
+    training and test sets' :func:`data_material`, when they have one).
 
     ``run_opts`` are all overrides given to ``train_net.py`` besides OUTPUT_DIR (seed, schedule,
     eval period, teacher weights, then ``opts``). ``teacher`` is None when the merged config has
@@ -493,9 +506,10 @@ def student_material(base_cfg, run_opts: List, opts: List, seed: int, iters: int
         keyed.MODEL.DISTILL.TEACHER.WEIGHTS = ""  # -> the teacher yaml's own MODEL.WEIGHTS
         used_teacher = {"weights_sha1": teacher["weights_sha1"], "iters": teacher["iters"],
                         "config": _config_text(build_teacher_cfg(keyed))}
-    return {"run": "student", "iters": iters, "seed": seed, "eval_points": eval_points,
-            "overrides": _opts_str(opts), "config": _config_text(cfg), "teacher": used_teacher,
-            "code": code, "libraries": libraries()}
+    return _with_data({"run": "student", "iters": iters, "seed": seed,
+                       "eval_points": eval_points, "overrides": _opts_str(opts),
+                       "config": _config_text(cfg), "teacher": used_teacher, "code": code,
+                       "libraries": libraries()}, cfg, ("TRAIN", "TEST"))
 
 
 def _folder(label: str) -> str:
@@ -650,7 +664,8 @@ def cached_note(runs: Dict[str, List[dict]]) -> str:
     if not parts:
         return "cached runs: none (every student run was trained in this invocation)"
     return ("cached runs: " + "; ".join(parts) + " (trained in an earlier invocation with the "
-            "same key: iterations, seed, eval points, overrides, merged config, teacher, code)")
+            "same key: iterations, seed, eval points, overrides, merged config, data, teacher, "
+            "code)")
 
 
 def resumed_text(resumed: List[int]) -> str:

@@ -8,8 +8,10 @@ Importing this package registers (cheaply: no file is touched until ``DatasetCat
 
 The user's own datasets (COCO json or VOC XML) are named in the config, ``DATASETS.REGISTER``, or
 with a tool's ``--register-dataset``, and registered by :func:`register_from_cfg`
-(:mod:`.custom`); :func:`check_training_data` / :func:`check_num_classes` (:mod:`.checks`) check a
-config's training data before training.
+(:mod:`.custom`, which checks every annotation and image file then: :mod:`.checks`, image headers
+read as detectron2 reads the files by :mod:`.images`); :func:`check_training_data` /
+:func:`check_num_classes` (:mod:`.checks`) check a config's training data before training;
+:func:`dataset_fingerprint` (:mod:`.fingerprint`) says what a set holds, for caches keyed on it.
 
 PASCAL VOC uses detectron2's builtin names (``voc_2007_trainval``, ``voc_2007_test``, ...).
 Roots live under ``$DETECTRON2_DATASETS`` (default ``./datasets``), read when registering; the
@@ -20,12 +22,14 @@ from typing import List, Optional
 from detectron2.data import MetadataCatalog
 
 from .errors import DatasetNotFoundError, check_dataset_paths, datasets_root
+from .fingerprint import dataset_fingerprint
 from .checks import (
     DatasetContentError,
     DatasetFileNotFoundError,
     check_boxes,
     check_num_classes,
     check_training_data,
+    classes_without_boxes,
     training_class_names,
 )
 from .custom import (
@@ -69,6 +73,8 @@ __all__ = [
     "check_boxes",
     "check_num_classes",
     "check_training_data",
+    "classes_without_boxes",
+    "dataset_fingerprint",
     "parse_dataset_argument",
     "parse_register",
     "pipeline_overrides",

@@ -17,29 +17,40 @@ categories sorted by id (mapped to contiguous ids ``0..K-1``). VOC: a VOC-style 
     VOC_ROOT/Annotations/<id>.xml   JPEGImages/<id>.jpg   ImageSets/Main/<SPLIT>.txt
 
 read with detectron2's conventions (``load_voc_instances``: 1-based pixel corners, boxes XYXY_ABS,
-``difficult`` objects kept), evaluated with ``PascalVOCDetectionEvaluator`` (year 2012: the
-area-under-curve AP). Paths: ``~`` and ``$DETECTRON2_DATASETS`` (default ``datasets``) are
-expanded, other relative paths are relative to the working directory.
+``difficult`` objects kept; an image may also be ``<id>.png``, ``.jpeg``, ... when there is no
+``<id>.jpg``), evaluated with ``PascalVOCDetectionEvaluator`` (year 2012: the area-under-curve
+AP). Paths: ``~`` and ``$DETECTRON2_DATASETS`` (default ``datasets``) are expanded, other relative
+paths are relative to the working directory.
 
 Registration (:func:`register_from_cfg`) reads each annotation file once and stops with one
-error naming the file for: a missing json / image folder / VOC folder / split file / XML, an
-unparsable file, no images, a json without categories or with annotations of unknown categories
-or without ``area`` (COCO evaluation needs it), a VOC object whose class is not in the given list,
-a VOC split without any object when the classes are to be read from it. It stores in the
-metadata: ``thing_classes``, ``evaluator_type`` (``"coco"`` / ``"pascal_voc"``), the paths
-(``json_file``, ``image_root`` / ``dirname``, ``split``, ``year``), and ``register_entry``,
-``num_images``, ``num_instances``, ``image_size_median`` ((width, height) px).
+error naming the file and the fix for: a missing json / image folder / VOC folder / split file /
+XML, an unparsable file, no images; in a json: no categories, an image without id, file_name or
+a numeric width/height, an image id or file given twice, an annotation without a unique integer
+id, with an unknown or non-integer category_id, a bbox that is not 4 finite numbers (e.g.
+strings), without a numeric ``area`` (COCO evaluation needs it), an ``iscrowd`` other than 0/1
+or an ``ignore`` flag (detectron2 refuses it); in VOC: an id listed twice, an object whose class
+is not in the given list, a split without any object when the classes are to be read from it.
+Then every image file (:func:`csgr_distill.data.checks.check_image_files`): missing, not an image,
+or of another size than the annotations give as detectron2 reads it (after the EXIF
+orientation), all listed in one error. It stores in the metadata: ``thing_classes``,
+``evaluator_type`` (``"coco"`` / ``"pascal_voc"``), the paths (``json_file``, ``image_root`` /
+``dirname``, ``split``, ``year``), and ``register_entry``, ``num_images``, ``num_instances`` (boxes
+trained on: ``iscrowd`` 0), ``num_crowd``, ``class_box_counts`` (boxes trained on per class, in
+``thing_classes`` order), ``image_size_median`` ((width, height) px).
 
-Loading (``DatasetCatalog.get``) checks every image file (missing ones are an error listing
-them) and every box (:func:`csgr_distill.data.checks.check_boxes`: slightly outside the image ->
-clipped, far outside or empty -> skipped, each a counted warning naming the file).
+Loading (``DatasetCatalog.get``) checks the image files again (files unchanged since they were
+read are not re-read) and every box (:func:`csgr_distill.data.checks.check_boxes`: slightly
+outside the image -> clipped, far outside or empty -> skipped, each a counted warning naming the
+file).
 """
 import argparse
 import json
 import logging
+import math
 import os
 import statistics
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -47,7 +58,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 from detectron2.structures import BoxMode
 
-from .checks import DatasetContentError, DatasetFileNotFoundError, check_boxes, check_image_files
+from .checks import (DatasetContentError, DatasetFileNotFoundError, check_boxes, check_image_files,
+                     warn_classes_without_boxes)
 from .errors import datasets_root
 
 __all__ = [
@@ -258,7 +270,8 @@ def pipeline_overrides(register: Sequence[str] = (), train: Optional[str] = None
     ``DATASETS.TRAIN`` / ``DATASETS.TEST``. With ``train``, the class count of every head
     (``MODEL.RETINANET.NUM_CLASSES``, ``MODEL.ROI_HEADS.NUM_CLASSES``) is its number of classes and
     the teacher built by a distilled student reads the same training set
-    (``MODEL.DISTILL.TEACHER.OPTS``), so its class count follows too.
+    (``MODEL.DISTILL.TEACHER.OPTS``), so its class count follows too; a class of ``train``
+    without boxes is a warning (:func:`csgr_distill.data.checks.warn_classes_without_boxes`).
 
     Raises:
         DatasetEntryError: a malformed value, or ``train`` / ``test`` not registered.
@@ -283,6 +296,7 @@ def pipeline_overrides(register: Sequence[str] = (), train: Optional[str] = None
             classes = MetadataCatalog.get(train).get("thing_classes", None)
         if not classes:
             raise DatasetContentError(f"--train {train!r} has no class names (thing_classes)")
+        warn_classes_without_boxes([train], "--train")
         k = str(len(classes))
         opts += ["DATASETS.TRAIN", repr((train,)), "MODEL.RETINANET.NUM_CLASSES", k,
                  "MODEL.ROI_HEADS.NUM_CLASSES", k,
@@ -333,7 +347,8 @@ def register_entry(entry: DatasetEntry) -> str:
         MetadataCatalog.remove(entry.name)
     meta = dict(register_entry=tuple(entry.as_list()), dataset_format=entry.format,
                 thing_classes=list(summary["classes"]), num_images=summary["num_images"],
-                num_instances=summary["num_instances"],
+                num_instances=summary["num_instances"], num_crowd=summary["num_crowd"],
+                class_box_counts=list(summary["class_box_counts"]),
                 image_size_median=summary["image_size_median"])
     if entry.format == "coco":
         register_coco_instances(entry.name, {}, entry.json_file, entry.image_root)
@@ -345,9 +360,11 @@ def register_entry(entry: DatasetEntry) -> str:
         meta.update(dirname=entry.dirname, split=entry.split, year=VOC_YEAR,
                     evaluator_type="pascal_voc")
     MetadataCatalog.get(entry.name).set(**meta)
-    logger.info("Registered dataset '%s' (%s, %s): %d images, %d boxes, %d classes %s",
-                entry.name, entry.format, entry.source, summary["num_images"],
-                summary["num_instances"], len(summary["classes"]), list(summary["classes"]))
+    crowd = f" (and {summary['num_crowd']} iscrowd regions)" if summary["num_crowd"] else ""
+    logger.info("Registered dataset '%s' (%s, %s): %d images (checked), %d boxes%s, %d classes "
+                "%s", entry.name, entry.format, entry.source, summary["num_images"],
+                summary["num_instances"], crowd, len(summary["classes"]),
+                list(summary["classes"]))
     return entry.name
 
 
@@ -371,82 +388,202 @@ def _median_size(sizes: List[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
 
 # ---- COCO --------------------------------------------------------------------------------------
 def _scan_coco(entry: DatasetEntry) -> dict:
-    """Validate a COCO json once, at registration; returns classes, id map, counts, sizes."""
+    """Validate a COCO json once, at registration (its image files too: :func:`check_image_files`);
+    returns classes, id map, counts (boxes trained on, crowd boxes, boxes per class), sizes."""
     _require(entry, [("the annotation file (JSON_FILE)", entry.json_file, False),
                      ("the image folder (IMAGE_DIR)", entry.image_root, True)])
     src = entry.json_file
+    where = f"{src} (dataset '{entry.name}')"
     try:
         with open(src) as f:
             data = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise DatasetContentError(f"{src} (dataset '{entry.name}') is not valid json: {e}") from e
+        raise DatasetContentError(f"{where} is not valid json: {e}") from e
     if not isinstance(data, dict):
-        raise DatasetContentError(f"{src} (dataset '{entry.name}') is not a COCO instances json: "
-                                  "expected an object with images, annotations, categories")
+        raise DatasetContentError(f"{where} is not a COCO instances json: expected an object with "
+                                  "images, annotations, categories")
     images = data.get("images") or []
     if not images:
         raise DatasetContentError(
-            f"{src} (dataset '{entry.name}') has no images: its 'images' list is empty or "
-            "missing. An empty dataset cannot be trained or evaluated; check the file.")
-    no_size = [im.get("file_name", im.get("id")) for im in images
-               if im.get("width") is None or im.get("height") is None or "file_name" not in im]
-    if no_size:
-        raise DatasetContentError(
-            f"{src} (dataset '{entry.name}'): {len(no_size)} images lack file_name, width or "
-            f"height (e.g. {no_size[:3]}); every image needs id, file_name, width, height")
+            f"{where} has no images: its 'images' list is empty or missing. An empty dataset "
+            "cannot be trained or evaluated; check the file.")
+    _check_coco_images(images, where)
     categories = data.get("categories") or []
     if not categories:
         raise DatasetContentError(
-            f"{src} (dataset '{entry.name}') has no categories: the class names come from its "
-            "'categories' list ([{\"id\": 1, \"name\": \"cat\"}, ...]); add it")
-    cats = sorted(categories, key=lambda c: int(c["id"]))
-    ids = [int(c["id"]) for c in cats]
+            f"{where} has no categories: the class names come from its 'categories' list "
+            "([{\"id\": 1, \"name\": \"cat\"}, ...]); add it")
+    if not all(isinstance(c, dict) and _is_id(c.get("id"), str_ok=False) and "name" in c
+               for c in categories):
+        raise DatasetContentError(f"{where}: every category needs an integer id and a name "
+                                  "({\"id\": 1, \"name\": \"cat\"})")
+    cats = sorted(categories, key=lambda c: c["id"])
+    ids = [c["id"] for c in cats]
     names = [str(c["name"]) for c in cats]
     if len(set(ids)) != len(ids) or len(set(names)) != len(names):
-        raise DatasetContentError(f"{src} (dataset '{entry.name}'): repeated category id or name "
-                                  f"in its categories {list(zip(ids, names))}")
+        raise DatasetContentError(f"{where}: repeated category id or name in its categories "
+                                  f"{list(zip(ids, names))}")
     annotations = data.get("annotations") or []
-    known, image_ids = set(ids), {im["id"] for im in images}
-    unknown = [a for a in annotations if int(a.get("category_id", -1)) not in known]
-    if unknown:
-        raise DatasetContentError(
-            f"{src} (dataset '{entry.name}'): {len(unknown)} annotations have a category_id that "
-            f"is not among its categories {dict(zip(ids, names))}, e.g. annotation "
-            f"{unknown[0].get('id')} with category_id {unknown[0].get('category_id')}; add the "
-            "category or fix the annotations")
-    no_box = [a.get("id") for a in annotations if len(a.get("bbox") or []) != 4]
-    if no_box:
-        raise DatasetContentError(f"{src} (dataset '{entry.name}'): {len(no_box)} annotations "
-                                  f"have no bbox [x, y, w, h], e.g. ids {no_box[:3]}")
-    no_area = [a.get("id") for a in annotations if "area" not in a]
-    if no_area:
-        raise DatasetContentError(
-            f"{src} (dataset '{entry.name}'): {len(no_area)} annotations have no 'area' (e.g. "
-            f"ids {no_area[:3]}); COCO evaluation needs it: add \"area\": w * h of the box to "
-            "each annotation")
-    orphans = sum(1 for a in annotations if a.get("image_id") not in image_ids)
-    if orphans:
+    _check_coco_annotations(annotations, dict(zip(ids, names)), where)
+    image_ids = {im["id"] for im in images}
+    used = [a for a in annotations if a["image_id"] in image_ids]
+    if len(used) < len(annotations):
         logger.warning("%s: %d annotations name an image_id that is not among its images; they "
-                       "are not used", src, orphans)
+                       "are not used", src, len(annotations) - len(used))
     if not annotations:
         logger.warning("%s (dataset '%s') has no annotations: usable for inference only, not for "
                        "training or evaluation", src, entry.name)
-    return dict(classes=names, id_map={i: k for k, i in enumerate(ids)},
-                num_images=len(images), num_instances=len(annotations) - orphans,
-                image_size_median=_median_size([(int(round(float(im["width"]))),
-                                                 int(round(float(im["height"]))))
-                                                for im in images]))
+    id_map = {i: k for k, i in enumerate(ids)}
+    per_class = [0] * len(ids)
+    crowd = 0
+    for a in used:
+        if a.get("iscrowd", 0):  # detectron2 trains on iscrowd == 0 only
+            crowd += 1
+        else:
+            per_class[id_map[a["category_id"]]] += 1
+    check_image_files(
+        [{"file_name": os.path.join(entry.image_root, im["file_name"]), "width": im["width"],
+          "height": im["height"]} for im in images], entry.name, src, fix=_image_dir_fix(entry))
+    return dict(classes=names, id_map=id_map, num_images=len(images),
+                num_instances=sum(per_class), num_crowd=crowd, class_box_counts=per_class,
+                image_size_median=_median_size([(int(round(im["width"])),
+                                                 int(round(im["height"]))) for im in images]))
+
+
+def _image_dir_fix(entry: DatasetEntry) -> str:
+    return (f"put them in {entry.image_root} or fix IMAGE_DIR (the 4th item of the "
+            f"{REGISTER_KEY} entry)")
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (JSON number), not a bool or a string."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def _is_id(value, str_ok: bool = True) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or \
+        (str_ok and isinstance(value, str))
+
+
+def _examples(items: List[str], k: int = 3) -> str:
+    return "; ".join(items[:k]) + (f" (and {len(items) - k} more)" if len(items) > k else "")
+
+
+def _repeats(values: Sequence, key=lambda v: v) -> List[Tuple[int, int]]:
+    """(first index, later index) for every value whose key was seen before."""
+    first, pairs = {}, []
+    for i, v in enumerate(values):
+        j = first.setdefault(key(v), i)
+        if j != i:
+            pairs.append((j, i))
+    return pairs
+
+
+def _check_coco_images(images: List[dict], where: str) -> None:
+    """Every image has an id (int or str), a file_name and a positive numeric width and height;
+    no id and no file is given twice."""
+    lacking = [f"images[{i}]" for i, im in enumerate(images)
+               if not isinstance(im, dict) or any(k not in im for k in
+                                                  ("id", "file_name", "width", "height"))]
+    if lacking:
+        raise DatasetContentError(
+            f"{where}: {len(lacking)} of {len(images)} images lack id, file_name, width or "
+            f"height (e.g. {_examples(lacking)}); every image needs id, file_name, width, height")
+    bad_id = [f"images[{i}]: id {im['id']!r}" for i, im in enumerate(images)
+              if not _is_id(im["id"])]
+    if bad_id:
+        raise DatasetContentError(f"{where}: {len(bad_id)} of {len(images)} images have an id "
+                                  f"that is not an integer, e.g. {_examples(bad_id)}. Write each "
+                                  "image's id as an integer")
+    bad_size = [f"images[{i}] ({im['file_name']}): width {im['width']!r}, height "
+                f"{im['height']!r}" for i, im in enumerate(images)
+                if not (_is_number(im["width"]) and _is_number(im["height"])
+                        and im["width"] > 0 and im["height"] > 0)]
+    if bad_size:
+        raise DatasetContentError(
+            f"{where}: {len(bad_size)} of {len(images)} images have a width or height that is "
+            f"not a positive number, e.g. {_examples(bad_size)}. Write the image size in pixels "
+            "as numbers (\"width\": 640, \"height\": 480), not strings")
+    twice = _repeats(images, key=lambda im: im["id"])
+    if twice:
+        lines = [f"id {images[i]['id']!r}: images[{j}] ({images[j]['file_name']}) and "
+                 f"images[{i}] ({images[i]['file_name']})" for j, i in twice]
+        raise DatasetContentError(
+            f"{where}: {len(twice)} image ids are given twice: {_examples(lines)}. pycocotools "
+            "keeps the last entry of an id: its file would train with the boxes of every entry "
+            "of the id, and the other files would not be trained. Give every image its own id, "
+            "and each annotation the image_id of its image")
+    same_file = _repeats(images, key=lambda im: os.path.normpath(str(im["file_name"])))
+    if same_file:
+        lines = [f"{images[i]['file_name']}: images[{j}] (id {images[j]['id']!r}) and "
+                 f"images[{i}] (id {images[i]['id']!r})" for j, i in same_file]
+        raise DatasetContentError(
+            f"{where}: {len(same_file)} image files are listed twice: {_examples(lines)}. Each "
+            "entry would train the same pixels with only its own boxes. Merge the entries of a "
+            "file into one (one id; the annotations' image_id set to it)")
+
+
+def _check_coco_annotations(annotations: List[dict], categories: Dict[int, str],
+                            where: str) -> None:
+    """What detectron2's ``load_coco_json``, its training and COCO evaluation need of every
+    annotation: a unique id, an image_id, a known integer category_id, a bbox of 4 finite numbers,
+    a numeric area, iscrowd 0/1 if given, no ``ignore`` flag."""
+    def refuse(test, problem: str, shown: str, fix: str):
+        """Raise naming how many annotations fail ``test``, up to three of them (``shown``: a
+        field to print, or "") and the fix."""
+        bad = [a for a in annotations if test(a)]
+        if bad:
+            lines = [f"annotation id {a.get('id')!r}" + (f": {shown} {a.get(shown)!r}" if shown
+                                                        else "") for a in bad]
+            raise DatasetContentError(f"{where}: {len(bad)} of {len(annotations)} annotations "
+                                      f"{problem}, e.g. {_examples(lines)}. {fix}")
+
+    not_dict = [i for i, a in enumerate(annotations) if not isinstance(a, dict)]
+    if not_dict:
+        raise DatasetContentError(f"{where}: annotations[{not_dict[0]}] is not an object")
+    refuse(lambda a: not _is_id(a.get("id"), str_ok=False), "have no integer id", "",
+           "COCO evaluation and detectron2 index annotations by id: number them 1, 2, ...")
+    twice = _repeats(annotations, key=lambda a: a["id"])
+    if twice:
+        j, i = twice[0]
+        raise DatasetContentError(
+            f"{where}: {len(twice)} annotation ids are given twice, e.g. id "
+            f"{annotations[i]['id']} (annotations[{j}] and annotations[{i}]): detectron2 refuses "
+            "the file and COCO evaluation would keep one of them. Give every annotation its own "
+            "id")
+    refuse(lambda a: not _is_id(a.get("image_id")), "have no image_id", "image_id",
+           "Give each the id of its image")
+    refuse(lambda a: not _is_id(a.get("category_id"), str_ok=False),
+           "have a category_id that is not an integer", "category_id",
+           "Write the id of its category as a number")
+    refuse(lambda a: a["category_id"] not in categories,
+           f"have a category_id that is not among its categories {categories}", "category_id",
+           "Add the category or fix the annotations")
+    refuse(lambda a: not isinstance(a.get("bbox"), (list, tuple)) or len(a["bbox"]) != 4,
+           "have no bbox [x, y, w, h]", "bbox", "Give each annotation its box in pixels")
+    refuse(lambda a: not all(_is_number(v) for v in a["bbox"]),
+           "have a bbox whose values are not finite numbers", "bbox",
+           "Write them as numbers (\"bbox\": [28.0, 12.5, 30.0, 40.0]), not strings")
+    refuse(lambda a: "area" not in a, "have no 'area'", "",
+           "COCO evaluation needs it: add \"area\": w * h of the box to each annotation")
+    refuse(lambda a: not _is_number(a["area"]), "have an area that is not a number", "area",
+           "Write it as a number (w * h of the box)")
+    refuse(lambda a: a.get("iscrowd", 0) not in (0, 1), "have an iscrowd that is not 0 or 1",
+           "iscrowd", "1 marks a crowd region (not trained on, ignored by COCO evaluation), 0 an "
+           "object")
+    refuse(lambda a: a.get("ignore", 0) not in (0, False), "have an 'ignore' flag", "ignore",
+           "detectron2 refuses it: mark such regions with \"iscrowd\": 1 instead, or remove them")
 
 
 def load_custom_coco(entry: DatasetEntry) -> List[dict]:
-    """detectron2's ``load_coco_json``, then every image file checked and every box checked
-    (:func:`check_boxes`). Returns detectron2 dataset dicts (boxes XYWH_ABS)."""
+    """detectron2's ``load_coco_json``, then every image file checked (:func:`check_image_files`;
+    unchanged files are not read again) and every box checked (:func:`check_boxes`). Returns
+    detectron2 dataset dicts (boxes XYWH_ABS)."""
     _require(entry, [("the annotation file (JSON_FILE)", entry.json_file, False),
                      ("the image folder (IMAGE_DIR)", entry.image_root, True)])
     dicts = load_coco_json(entry.json_file, entry.image_root, entry.name)
-    check_image_files(dicts, entry.name, entry.source,
-                      fix=f"put them in {entry.image_root} or fix IMAGE_DIR (the 4th item of the "
-                          f"{REGISTER_KEY} entry)")
+    check_image_files(dicts, entry.name, entry.source, fix=_image_dir_fix(entry))
     return check_boxes(dicts, entry.source)
 
 
@@ -455,7 +592,9 @@ def read_voc(dirname: str, split: str, name: str = "") -> List[dict]:
     """Parse a VOC split as detectron2's ``load_voc_instances`` does, keeping the class *names*.
 
     Returns one dict per id of ``ImageSets/Main/<split>.txt``: ``file_name``
-    (``JPEGImages/<id>.jpg``), ``image_id`` (the id), ``height``, ``width`` (from ``<size>``),
+    (``JPEGImages/<id>.jpg``, else the first of ``<id>`` + :data:`VOC_IMAGE_EXTENSIONS` there; a
+    missing file keeps the ``.jpg`` name), ``image_id`` (the id), ``height``, ``width`` (from
+    ``<size>``),
     ``xml`` (its path) and ``objects``: ``[(class name, [x0, y0, x1, y1])]`` with 1-based pixel
     corners made 0-based (``x0 - 1, y0 - 1``, as detectron2), ``difficult`` objects kept.
     (Own parser instead of ``load_voc_instances``: that one stops with a bare ``ValueError`` on
@@ -463,7 +602,8 @@ def read_voc(dirname: str, split: str, name: str = "") -> List[dict]:
 
     Raises:
         DatasetFileNotFoundError: a missing folder, split file or XML.
-        DatasetContentError: an empty split, an unparsable XML or one without size or boxes.
+        DatasetContentError: an empty split, an id listed twice, an unparsable XML or one
+            without size or boxes.
     """
     split_file = os.path.join(dirname, "ImageSets", "Main", split + ".txt")
     label = f"dataset '{name}'" if name else "VOC split"
@@ -472,6 +612,14 @@ def read_voc(dirname: str, split: str, name: str = "") -> List[dict]:
     if not ids:
         raise DatasetContentError(f"{split_file} ({label}) lists no images: an empty dataset "
                                   "cannot be trained or evaluated; one image id per line")
+    twice = _repeats(ids)
+    if twice:
+        raise DatasetContentError(
+            f"{split_file} ({label}) lists {len(twice)} image ids twice, e.g. "
+            f"'{ids[twice[0][1]]}' (entries {twice[0][0] + 1} and {twice[0][1] + 1}): the image "
+            "would be trained twice and VOC evaluation would count its objects twice. List each "
+            "id once")
+    images = _voc_image_files(dirname, ids)
     xmls = [os.path.join(dirname, "Annotations", i + ".xml") for i in ids]
     missing = [x for x in xmls if not os.path.isfile(x)]
     if missing:
@@ -502,10 +650,35 @@ def read_voc(dirname: str, split: str, name: str = "") -> List[dict]:
             xyxy[0] -= 1.0
             xyxy[1] -= 1.0
             objects.append((cls, xyxy))
-        records.append({"file_name": os.path.join(dirname, "JPEGImages", fid + ".jpg"),
-                        "image_id": fid, "height": height, "width": width, "xml": xml,
-                        "objects": objects})
+        records.append({"file_name": images[fid], "image_id": fid, "height": height,
+                        "width": width, "xml": xml, "objects": objects})
     return records
+
+
+#: image files of a VOC id besides ``JPEGImages/<id>.jpg``, in the order they are looked for
+#: (lower case, then upper case)
+VOC_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _voc_image_files(dirname: str, ids: Sequence[str]) -> Dict[str, str]:
+    """id -> its image file in ``JPEGImages/``: ``<id>.jpg`` (detectron2's VOC name), else the
+    first ``<id><ext>`` of :data:`VOC_IMAGE_EXTENSIONS` (lower, then upper case) that exists;
+    ``<id>.jpg`` when none does (reported missing later). One directory listing."""
+    folder = os.path.join(dirname, "JPEGImages")
+    present = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    exts = VOC_IMAGE_EXTENSIONS + tuple(e.upper() for e in VOC_IMAGE_EXTENSIONS)
+    return {fid: os.path.join(folder, next((fid + e for e in exts if fid + e in present),
+                                           fid + ".jpg"))
+            for fid in ids}
+
+
+def _voc_fix(entry: DatasetEntry) -> str:
+    return (f"put them in {os.path.join(entry.dirname, 'JPEGImages')} as <id>.jpg (or "
+            f"{', '.join(VOC_IMAGE_EXTENSIONS[1:])})")
+
+
+#: where a VOC set's image sizes are written, for messages
+_VOC_SIZE_KEY = "<size><width>/<height> in the image's XML (Annotations/<id>.xml)"
 
 
 def _scan_voc(entry: DatasetEntry) -> dict:
@@ -534,8 +707,12 @@ def _scan_voc(entry: DatasetEntry) -> dict:
                 "names can be read from them: give the classes in the entry "
                 f"({_FORMS['voc']}) if this set is meant to be empty")
         classes = found
-    return dict(classes=classes, num_images=len(records),
-                num_instances=sum(len(r["objects"]) for r in records),
+    counts = Counter(cls for r in records for cls, _ in r["objects"])
+    per_class = [counts[c] for c in classes]
+    check_image_files(records, entry.name, split_file, fix=_voc_fix(entry),
+                      size_key=_VOC_SIZE_KEY)
+    return dict(classes=classes, num_images=len(records), num_instances=sum(per_class),
+                num_crowd=0, class_box_counts=per_class,
                 image_size_median=_median_size([(r["width"], r["height"]) for r in records]))
 
 
@@ -562,6 +739,6 @@ def load_custom_voc(entry: DatasetEntry) -> List[dict]:
               "annotations": [{"category_id": classes.index(cls), "bbox": list(box),
                                "bbox_mode": BoxMode.XYXY_ABS} for cls, box in r["objects"]]}
              for r in records]
-    check_image_files(dicts, entry.name, entry.source,
-                      fix=f"put them in {os.path.join(entry.dirname, 'JPEGImages')} as <id>.jpg")
+    check_image_files(dicts, entry.name, entry.source, fix=_voc_fix(entry),
+                      size_key=_VOC_SIZE_KEY)
     return check_boxes(dicts, entry.source)

@@ -388,6 +388,7 @@ def register_shapes(
         evaluator_type="coco",
         json_file=json_file,
         image_root=image_root,
+        generated=True,  # its content follows from this code (csgr_distill.data.fingerprint)
     )
 
 
