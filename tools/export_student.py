@@ -26,10 +26,9 @@ import argparse
 import os
 import sys
 
-import torch
-
 import csgr_distill  # noqa: F401  (registers the Distill* meta-architectures)
-from csgr_distill.cli import add_debug_argument, run_cli
+from csgr_distill.checkpoint import read_checkpoint
+from csgr_distill.cli import add_debug_argument, parse_args_anywhere, run_cli
 from csgr_distill.config import load_config
 from csgr_distill.data import add_dataset_arguments
 from csgr_distill.export import export_student, export_torchscript
@@ -51,7 +50,7 @@ def main(argv=None):
     add_dataset_arguments(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="KEY VALUE overrides of --config-file")
-    args = parser.parse_args(argv)
+    args = parse_args_anywhere(parser, argv)
     cfg = None
     if args.config_file:
         cfg = load_config(args.config_file, args.opts, args.register_dataset, check_steps=False)
@@ -68,7 +67,7 @@ def main(argv=None):
         print("No config written: pass --config-file <distillation yaml> to also write "
               "a plain detectron2 yaml beside the checkpoint")
     if args.format == "torchscript":
-        state = torch.load(counts["checkpoint"], map_location="cpu", weights_only=False)["model"]
+        state = read_checkpoint(counts["checkpoint"])["model"]
         ts_path = os.path.splitext(counts["checkpoint"])[0] + ".ts"
         traced = export_torchscript(state, cfg, ts_path, args.sample_image)
         counts["torchscript"] = traced["torchscript"]

@@ -13,8 +13,8 @@ anything is trained or evaluated. A distillation run ends with
 ``OUTPUT_DIR/model_final_student.{pth,yaml}``, a plain detectron2 checkpoint and config, and
 every training run with its final evaluation in ``OUTPUT_DIR/eval_results.json`` (``tools/compare.py``
 tabulates runs). The config is read by :func:`csgr_distill.config.load_config`: the user's own
-datasets (``DATASETS.REGISTER`` or ``--register-dataset``, given before the ``KEY VALUE``
-overrides), ``INPUT.FIXED_SIZE``, steps as fractions of ``SOLVER.MAX_ITER``.
+datasets (``DATASETS.REGISTER`` or ``--register-dataset``), ``INPUT.FIXED_SIZE``, steps as
+fractions of ``SOLVER.MAX_ITER``.
 
 ``--eval-only`` builds the student with ``MODEL.DISTILL.ENABLED False``: nothing of the teacher is
 read (neither its yaml nor its weights), and the ``distillers.*`` tensors of a training checkpoint
@@ -27,7 +27,11 @@ bit-identical to an uninterrupted one (see ``DistillTrainer``).
 
 A known user error (a missing dataset, teacher yaml or checkpoint, an unknown method or config key)
 prints one ``error: ...`` message and exits with code 2; ``--debug`` (or ``CSGR_DEBUG=1``) shows
-the traceback instead (``csgr_distill.cli``).
+the traceback instead (``csgr_distill.cli``). Checked before anything is built: ``--num-gpus``
+against the GPUs of the machine, ``MODEL.DEVICE``, ``SOLVER.AMP.ENABLED`` (CUDA only), a
+writable ``OUTPUT_DIR``. The flags may also follow the ``KEY VALUE`` overrides. Warnings that make
+the trained model doubtful are repeated at the end of training and written into
+``eval_results.json`` (``"warnings"``).
 """
 import json
 import math
@@ -40,24 +44,32 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import csgr_distill  # noqa: F401  (registers meta-architectures, distillers, datasets)
-from csgr_distill.cli import ReportUserErrors, add_debug_argument, run_cli
+from csgr_distill.checkpoint import atomic_open
+from csgr_distill.cli import ReportUserErrors, add_debug_argument, parse_args_anywhere, run_cli
 from csgr_distill.config import load_config
-from csgr_distill.data import add_dataset_arguments
+from csgr_distill.data import add_dataset_arguments, register_from_cfg
 from csgr_distill.data.errors import check_datasets
 from csgr_distill.engine import DistillTrainer
+from csgr_distill.engine.checks import check_device, check_output_dir, check_processes
 from csgr_distill.export import StudentCheckpointer
 from csgr_distill.teacher import read_metric, teacher_check
 
 
 def setup(args):
-    cfg = load_config(args.config_file, args.opts, args.register_dataset)
+    cfg = load_config(args.config_file, args.opts, args.register_dataset, register_datasets=False)
     cfg.freeze()
+    check_device(cfg, training=not args.eval_only, world_size=comm.get_world_size())
+    if comm.is_main_process():
+        check_output_dir(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     # this project's own info lines (exports, dropped tensors) on the console and in
     # OUTPUT_DIR/log.txt, like detectron2's; still propagated, so handlers on the root logger
     # (pytest's caplog, an application's own logging) see them too
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="csgr_distill",
                  abbrev_name="csgr").propagate = True
+    # the user's datasets, registered once the loggers are set up: their "Registered dataset"
+    # lines and warnings reach the console and log.txt
+    register_from_cfg(cfg)
     return cfg
 
 
@@ -88,7 +100,7 @@ def main(args):
         cfg = eval_cfg(cfg)
         check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
         model = DistillTrainer.build_model(cfg)
-        StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR, what="MODEL.WEIGHTS").resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = DistillTrainer.test(cfg, model)
@@ -104,14 +116,17 @@ def main(args):
     # detectron2 returns the final evaluation only with TEST.EXPECTED_RESULTS; it keeps it here
     res = getattr(trainer, "_last_eval_results", None)
     if comm.is_main_process() and res:
-        write_eval_results(cfg, res)  # the final evaluation, as --eval-only writes it
+        # the final evaluation, as --eval-only writes it, with the run's warnings
+        write_eval_results(cfg, res, trainer.warnings)
     return res
 
 
-def write_eval_results(cfg, res):
-    """``OUTPUT_DIR/eval_results.json``: the evaluation results, strict JSON."""
+def write_eval_results(cfg, res, warnings=()):
+    """``OUTPUT_DIR/eval_results.json``: the evaluation results, strict JSON; ``warnings`` (the
+    training's, e.g. a distillation loss that dwarfed the detection losses) as ``"warnings"``."""
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
+    res = dict(res, warnings=list(warnings)) if warnings else res
+    with atomic_open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
         json.dump(strict_json(res), f, indent=2, allow_nan=False)
 
 
@@ -142,8 +157,9 @@ def cli(argv=None):
         help="before distilling, evaluate the teacher on DATASETS.TEST[0] and warn loudly when "
              "it does not beat BASELINE: the baseline student's bbox AP, its eval_results.json "
              "or its OUTPUT_DIR (without BASELINE: the teacher's AP is logged)")
-    args = parser.parse_args(argv)
+    args = parse_args_anywhere(parser, argv)
     print("Command Line Args:", args)
+    check_processes(args.num_gpus)
     processes = args.num_gpus * args.num_machines
     return launch(
         main if processes == 1 else ReportUserErrors(main), args.num_gpus,

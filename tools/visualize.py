@@ -47,7 +47,6 @@ import cv2
 import numpy as np
 import torch
 from torch.nn import functional as F
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -57,7 +56,8 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.visualizer import Visualizer
 
 import csgr_distill  # noqa: F401  (registrations)
-from csgr_distill.cli import CliError, add_debug_argument, run_cli
+from csgr_distill.checkpoint import CheckedCheckpointer
+from csgr_distill.cli import CliError, add_debug_argument, parse_args_anywhere, run_cli
 from csgr_distill.config import load_config
 from csgr_distill.data import add_dataset_arguments
 from csgr_distill.data.errors import check_datasets
@@ -100,7 +100,7 @@ def parse_args(argv=None):
     add_debug_argument(p)
     add_dataset_arguments(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
-    args = p.parse_args(argv)
+    args = parse_args_anywhere(p, argv)
     if args.score_floor < 0 or args.score_floor > 1:
         p.error(f"--score-floor {args.score_floor}: a score between 0 and 1")
     return args
@@ -165,8 +165,9 @@ def in_format(inputs: List[dict], have: str, want: str) -> List[dict]:
 # ------------------------------------------------------------------------------------------------
 # models
 # ------------------------------------------------------------------------------------------------
-class _LoadReport(DetectionCheckpointer):
-    """A DetectionCheckpointer that keeps what its last load did not match."""
+class _LoadReport(CheckedCheckpointer):
+    """A DetectionCheckpointer (an unreadable file is one clear error) that keeps what its last
+    load did not match."""
 
     incompatible = None
 
@@ -214,7 +215,7 @@ def build_models(cfg, weights: str, use_teacher: bool, notes: List[str]):
         notes.append(f"no method pictures for {others}: drawn for {sorted(PICTURES)} only")
     if drawable and use_teacher:
         student = build_model(cfg)
-        loader = _LoadReport(student)
+        loader = _LoadReport(student, what="--weights")
         loader.load(weights)
         student.eval()
         missing = loader.incompatible.missing_keys or []
@@ -229,7 +230,7 @@ def build_models(cfg, weights: str, use_teacher: bool, notes: List[str]):
         if chosen:
             return student, student.teacher.model, chosen
     student = build_model(without_distillation(cfg))
-    StudentCheckpointer(student).load(weights)
+    StudentCheckpointer(student, what="--weights").load(weights)
     student.eval()
     teacher = FrozenTeacher.from_student_cfg(cfg).model if use_teacher else None
     return student, teacher, {}

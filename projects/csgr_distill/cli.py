@@ -11,14 +11,22 @@ its traceback. Every other exception is a bug and keeps its traceback. Known use
   :class:`~csgr_distill.data.errors.DatasetNotFoundError`,
   :class:`~csgr_distill.data.errors.DatasetNotRegisteredError`, ``FileNotFoundError`` (a config,
   checkpoint or image path that does not exist);
+* an ``OSError`` of the disk (:data:`DISK_ERRNOS`: full, over quota, read-only, no permission),
+  wherever it is raised: the file it names and what to do;
 * :data:`ORIGIN_USER_ERRORS` (``ValueError``, ``KeyError``, ``AssertionError``,
-  ``RuntimeError``, ``LookupError``) when raised in this project's own code or in the config and
+  ``RuntimeError``, ``LookupError``, ``FloatingPointError``: a run that diverged, its losses and
+  weight keys named) when raised in this project's own code or in the config and
   checkpoint machinery (:data:`USER_ERROR_MODULES`: ``csgr_distill``, ``yacs``,
   ``detectron2.config``, fvcore's config, registry and checkpointer): e.g. the teacher checks
   (missing/mismatched teacher yaml or weights, keys named), an unknown ``MODEL.DISTILL.METHODS``
   entry, yacs's "Non-existent config key", an unregistered ``MODEL.META_ARCHITECTURE``, fvcore's
   "Checkpoint ... not found". The same types raised inside torch or detectron2's models (a shape
   error, an out-of-memory) are bugs or resource problems and keep their traceback.
+
+Arguments. :func:`parse_args_anywhere` parses a tool's command line with its flags (``--resume``,
+``--register-dataset ...``) recognised wherever they stand, also after the trailing ``KEY VALUE``
+overrides, where argparse would take them for overrides; an unknown ``--flag`` there is an
+error naming the known ones.
 
 Multi-process training (``launch`` with more than one process): :class:`ReportUserErrors` wraps
 the worker's ``main`` so a worker prints the message itself and exits with code 2; the parent's
@@ -30,6 +38,8 @@ lines :data:`PROGRESS_PATTERN` matches -- detectron2's periodic ``CommonMetricPr
 (``eta: ... iter: N  total_loss: ...``) and its evaluation progress (``Inference done 11/300 ...
 ETA=...``) -- to the console as they come.
 """
+import argparse
+import errno
 import os
 import re
 import subprocess
@@ -49,6 +59,7 @@ __all__ = [
     "add_debug_argument",
     "check_file",
     "debug_enabled",
+    "parse_args_anywhere",
     "progress_line",
     "run_cli",
     "run_logged",
@@ -68,7 +79,15 @@ class CliError(Exception):
 #: user errors wherever they are raised
 ALWAYS_USER_ERRORS = (CliError, DatasetNotFoundError, DatasetNotRegisteredError, FileNotFoundError)
 #: user errors when raised in one of :data:`USER_ERROR_MODULES`
-ORIGIN_USER_ERRORS = (ValueError, KeyError, AssertionError, RuntimeError, LookupError)
+ORIGIN_USER_ERRORS = (ValueError, KeyError, AssertionError, RuntimeError, LookupError,
+                      FloatingPointError)
+#: OSError numbers that are the disk's state, not a bug: errno -> what to do
+DISK_ERRNOS = {
+    errno.ENOSPC: "free space on that disk or set OUTPUT_DIR to another one",
+    errno.EDQUOT: "free space within your quota or set OUTPUT_DIR to another disk",
+    errno.EROFS: "set OUTPUT_DIR (or that path) to a folder on a writable disk",
+    errno.EACCES: "give yourself access to it, or choose another path",
+}
 #: modules (and their submodules) whose ORIGIN_USER_ERRORS are messages for the user
 USER_ERROR_MODULES = ("csgr_distill", "yacs", "detectron2.config", "fvcore.common.config",
                       "fvcore.common.registry", "fvcore.common.checkpoint")
@@ -113,6 +132,9 @@ def user_error_message(exc: BaseException) -> Optional[str]:
     """The message to print for a known user error (module docstring), else None."""
     if isinstance(exc, ALWAYS_USER_ERRORS):
         return _text(exc)
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        where = f": {exc.filename!r}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}; {DISK_ERRNOS[exc.errno]}"
     if isinstance(exc, ORIGIN_USER_ERRORS) and _in_modules(_raised_in(exc), USER_ERROR_MODULES):
         return _text(exc)
     exited = _worker_exit(exc)
@@ -150,6 +172,67 @@ def add_debug_argument(parser):
     parser.add_argument(DEBUG_FLAG, action="store_true",
                         help="show the full traceback of an error (also: CSGR_DEBUG=1)")
     return parser
+
+
+_CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Za-z0-9_]+)+")
+
+
+def parse_args_anywhere(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
+                        opts: str = "opts") -> argparse.Namespace:
+    """``parser.parse_args`` where the parser's ``opts`` positional takes the trailing ``KEY
+    VALUE`` overrides (``nargs=argparse.REMAINDER``), with the parser's flags recognised also
+    among them: ``... OUTPUT_DIR out --resume`` is ``--resume ... OUTPUT_DIR out``. A flag counts
+    where a KEY would stand; its arguments follow it as usual. An unknown ``--flag`` there is a
+    :class:`CliError` listing the known ones (yacs would call it a non-existent key or an odd
+    number of overrides)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if opts not in {a.dest for a in parser._actions}:
+        return parser.parse_args(argv)
+    actions = {s: a for a in parser._actions for s in a.option_strings}
+    flags: List[str] = []
+    overrides: List[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        at_key = len(overrides) % 2 == 0
+        if token.startswith("-") and name in actions and at_key:
+            action = actions[name]
+            count = 0 if "=" in token else _argument_count(action, argv[i + 1:])
+            if action.nargs == "?" and not count and "=" not in token and isinstance(
+                    action.const, str):
+                token = f"{name}={action.const}"  # else argparse takes the next KEY as its value
+            flags.extend([token] + argv[i + 1:i + 1 + count])
+            i += 1 + count
+            continue
+        if overrides and at_key and token.startswith("--") and token != "--":
+            raise CliError(f"unknown option {token!r} among the KEY VALUE overrides; the options "
+                           f"are {', '.join(sorted(s for s in actions if s.startswith('--')))}")
+        if not overrides and token.startswith("-"):
+            flags.append(token)  # argparse says what is wrong with it
+        else:
+            overrides.append(token)
+        i += 1
+    return parser.parse_args(flags + overrides)
+
+
+def _argument_count(action: argparse.Action, rest: List[str]) -> int:
+    """How many of the tokens ``rest`` that follow ``action``'s flag are its arguments."""
+    nargs = action.nargs
+    if nargs is None:
+        return 1
+    if isinstance(nargs, int):
+        return nargs
+    if nargs == "?":
+        return int(bool(rest) and not rest[0].startswith("-")
+                   and not _CONFIG_KEY.fullmatch(rest[0]))
+    if nargs in ("*", "+"):
+        count = 0
+        while count < len(rest) and not rest[count].startswith("-") and not _CONFIG_KEY.fullmatch(
+                rest[count]):
+            count += 1
+        return count
+    return 0
 
 
 def _print_error(message: str, hint: bool = True) -> None:

@@ -11,6 +11,7 @@ fractions of ``SOLVER.MAX_ITER``) and the functions that apply them:
 """
 import ast
 import logging
+import re
 from typing import List, Optional, Sequence
 
 from detectron2.config import CfgNode as CN
@@ -378,11 +379,14 @@ def add_data_config(cfg):
 
 
 def load_config(config_file: str, opts: Sequence[str] = (), register: Sequence[str] = (),
-                check_steps: bool = True):
+                check_steps: bool = True, register_datasets: bool = True):
     """The (unfrozen) config of a tool: ``get_cfg()`` with the project's keys, ``config_file``,
     the ``KEY VALUE`` overrides ``opts`` (:func:`merge_command_line`), the ``--register-dataset``
     values ``register`` (``NAME=FORMAT:PATH[:PATH...]``; they replace entries of the same name),
-    the ``DATASETS.REGISTER`` datasets registered, then :func:`apply_derived_keys`.
+    the ``DATASETS.REGISTER`` datasets registered (``register_datasets=False``: not yet; the
+    caller registers them with :func:`csgr_distill.data.register_from_cfg` once its loggers are
+    set up, so their summary lines and warnings reach the console and ``log.txt``), then
+    :func:`apply_derived_keys`.
 
     Raises:
         FileNotFoundError: ``config_file`` does not exist (naming ``--config-file``).
@@ -398,7 +402,8 @@ def load_config(config_file: str, opts: Sequence[str] = (), register: Sequence[s
     cfg.merge_from_file(check_file(config_file))
     merge_command_line(cfg, opts)
     replace_entries(cfg, register)
-    register_from_cfg(cfg)
+    if register_datasets:
+        register_from_cfg(cfg)
     return apply_derived_keys(cfg, check_steps=check_steps)
 
 
@@ -533,7 +538,10 @@ def teacher_opts_message(tokens, where: str) -> str:
     """The error for a ``MODEL.DISTILL.TEACHER.OPTS`` that is not a list of KEY VALUE pairs:
     its exact command-line form, built from the tokens that followed it."""
     tokens = [str(t) for t in tokens]
-    if len(tokens) >= 2 and _looks_like_key(tokens[0]):
+    listed = _unquoted_list(tokens)
+    if listed is not None:
+        pair = listed  # e.g. [MODEL.RETINANET.NUM_CLASSES, 6]: the same list, its keys quoted
+    elif len(tokens) >= 2 and _looks_like_key(tokens[0]):
         pair = [tokens[0], _literal(tokens[1])]
     else:
         pair = ["MODEL.RETINANET.NUM_CLASSES", 1]
@@ -544,6 +552,27 @@ def teacher_opts_message(tokens, where: str) -> str:
         f"{' '.join(tokens) if tokens else 'nothing'}. Write: {form} (further teacher keys go "
         "inside the same brackets: \"['KEY1', VALUE1, 'KEY2', VALUE2]\")"
     )
+
+
+_BARE_WORD = re.compile(r"""('[^']*'|"[^"]*")|(?<![\w.])([A-Za-z_][\w.]*)""")
+
+
+def _unquoted_list(tokens: List[str]) -> Optional[list]:
+    """The KEY VALUE list that ``tokens`` begin with when it was written with unquoted words
+    (``[MODEL.RETINANET.NUM_CLASSES, 6]``, maybe split at its spaces), else None."""
+    if not tokens or not tokens[0].lstrip().startswith(("[", "(")):
+        return None
+    end = next((i for i, t in enumerate(tokens) if t.rstrip().endswith(("]", ")"))), None)
+    if end is None:
+        return None
+    quoted = _BARE_WORD.sub(
+        lambda m: m.group(0) if m.group(1) or m.group(2) in ("True", "False", "None")
+        else repr(m.group(2)), " ".join(tokens[:end + 1]))
+    value = _literal(quoted)
+    if (isinstance(value, (list, tuple)) and value and len(value) % 2 == 0
+            and all(isinstance(k, str) and _looks_like_key(k) for k in value[::2])):
+        return list(value)
+    return None
 
 
 def _looks_like_key(token: str) -> bool:

@@ -20,11 +20,11 @@ from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.file_io import PathManager
 
+from .checkpoint import CheckedCheckpointer, atomic_open, read_checkpoint
 from .config import add_architecture_config
 
 logger = logging.getLogger(__name__)
@@ -125,10 +125,10 @@ def write_student(state_dict: Mapping[str, torch.Tensor], output: str,
     yaml_path = os.path.splitext(output)[0] + ".yaml" if cfg is not None else None
     plain = plain_student_cfg(cfg, output) if cfg is not None else None  # fails before writing
     PathManager.mkdirs(os.path.dirname(output))
-    with PathManager.open(output, "wb") as f:
+    with atomic_open(output, "wb") as f:  # whole or not at all (a full disk leaves nothing)
         torch.save({"model": kept, "__author__": "csgr_distill.export"}, f)
     if plain is not None:
-        with PathManager.open(yaml_path, "w") as f:
+        with atomic_open(yaml_path, "w") as f:
             f.write(plain.dump())
     counts = {"kept": len(kept), "dropped": len(state_dict) - len(kept), "checkpoint": output,
               "config": yaml_path}
@@ -141,21 +141,24 @@ def write_student(state_dict: Mapping[str, torch.Tensor], output: str,
 def export_student(checkpoint: str, output: str, cfg: Optional[CfgNode] = None
                    ) -> Dict[str, object]:
     """:func:`write_student` of a training checkpoint (``model_final.pth``, ``model_0004999.pth``,
-    ...): its ``"model"`` only, without optimizer, scheduler or iteration."""
+    ...): its ``"model"`` only, without optimizer, scheduler or iteration. Read without running
+    code from the file (:func:`csgr_distill.checkpoint.read_checkpoint`: a file that is not a
+    checkpoint is one clear error)."""
     if not PathManager.exists(checkpoint):
         raise FileNotFoundError(f"Checkpoint {checkpoint!r} does not exist (expected e.g. "
                                 "output/<run>/model_final.pth)")
-    with PathManager.open(checkpoint, "rb") as f:
-        loaded = torch.load(f, map_location="cpu", weights_only=False)
+    loaded = read_checkpoint(checkpoint, "--checkpoint")
     return write_student(loaded.get("model", loaded), output, cfg)
 
 
-class StudentCheckpointer(DetectionCheckpointer):
-    """A ``DetectionCheckpointer`` that loads a distillation checkpoint into a model built
-    without distillers (``MODEL.DISTILL.ENABLED False``, or the plain base class): when the model
-    has no key with a :data:`DISTILL_ONLY_PREFIXES` prefix, the checkpoint's keys with one are
-    dropped with one info line (their count) instead of detectron2's "unexpected keys" warning.
-    Every other key is loaded (and reported) exactly as detectron2 does."""
+class StudentCheckpointer(CheckedCheckpointer):
+    """A ``DetectionCheckpointer`` (with :class:`~csgr_distill.checkpoint.CheckedCheckpointer`'s
+    checked reads: ``what`` names the weights in its messages) that loads a distillation
+    checkpoint into a model built without distillers (``MODEL.DISTILL.ENABLED False``, or the
+    plain base class): when the model has no key with a :data:`DISTILL_ONLY_PREFIXES` prefix, the
+    checkpoint's keys with one are dropped with one info line (their count) instead of
+    detectron2's "unexpected keys" warning. Every other key is loaded (and reported) exactly as
+    detectron2 does."""
 
     def _load_model(self, checkpoint):
         state = checkpoint["model"]
@@ -301,7 +304,7 @@ def export_torchscript(state_dict: Mapping[str, torch.Tensor], cfg: CfgNode, out
         max_size=plain.INPUT.MAX_SIZE_TEST, classes=", ".join(names) if names else "(unknown)")
     output = os.path.abspath(output)
     PathManager.mkdirs(os.path.dirname(output))
-    with PathManager.open(output, "wb") as f:
+    with atomic_open(output, "wb") as f:
         torch.jit.save(traced, f, _extra_files={"interface.txt": interface})
     logger.info("Wrote the TorchScript student %s (traced on a %dx%d image, %d detections, "
                 "equal to the eager model's)", output, image.shape[1], image.shape[2],

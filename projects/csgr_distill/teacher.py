@@ -8,9 +8,11 @@ Any checkpoint detectron2's ``DetectionCheckpointer`` reads can be a teacher: th
 ``.pth``, a detectron2 model-zoo ``.pkl`` (``{"model": {name: numpy array}, "__author__":
 "Detectron2 Model Zoo", "matching_heuristics": True}``, keys matched by detectron2's name
 heuristics) or a ``detectron2://`` URL (downloaded once, needs internet). Loading is strict
-(:func:`load_weights_strictly`) and logged in one line (tensors loaded, keys renamed by the
-heuristics, class names, path). :func:`teacher_check` warns when the teacher does not beat the
-baseline student.
+(:func:`load_weights_strictly`: a file that is not a checkpoint, a truncated one, one with NaN
+values, a student's checkpoint are each refused in one message) and logged in one line (tensors
+loaded, keys renamed by the heuristics, class names, path). The teacher's ``INPUT.FORMAT`` must be
+the student's or its RGB/BGR mirror (checked when the student is built).
+:func:`teacher_check` warns when the teacher does not beat the baseline student.
 """
 import copy
 import json
@@ -22,11 +24,11 @@ from typing import Dict, List, Optional
 from urllib.parse import urlparse
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from torch import nn
 
+from .checkpoint import CheckedCheckpointer, shown
 from .config import TEACHER_OPTS_KEY, add_distill_config, apply_derived_keys, check_teacher_opts
 
 logger = logging.getLogger(__name__)
@@ -122,7 +124,23 @@ def build_teacher_cfg(student_cfg):
             f'{TEACHER_OPTS_KEY} "{[num_classes_key(tcfg), ks]!r}"'
         )
     check_class_names(student_cfg, tcfg, tcfg_path)
+    check_input_formats(student_cfg, tcfg, tcfg_path)
     return tcfg
+
+
+def check_input_formats(student_cfg, teacher_cfg, teacher_path: str) -> None:
+    """The teacher sees the student's images: its ``INPUT.FORMAT`` must be the student's, or RGB
+    for a BGR student and the reverse (the channels are flipped for it). A ValueError naming both
+    otherwise (e.g. a grey-scale ``L`` teacher of an RGB student), at build time."""
+    have, want = student_cfg.INPUT.FORMAT, teacher_cfg.INPUT.FORMAT
+    if want == have or {want, have} == {"RGB", "BGR"}:
+        return
+    raise ValueError(
+        f"The teacher ({teacher_path}) reads INPUT.FORMAT {want!r} images, the student {have!r}: "
+        "the teacher sees the student's images, so its format must be the student's (or RGB for "
+        "a BGR student and the reverse). Use a teacher trained on the student's format, or set "
+        f'the student\'s INPUT.FORMAT to {want!r}, or {TEACHER_OPTS_KEY} "[\'INPUT.FORMAT\', '
+        f'\'{have}\']" if the teacher was in fact trained on {have!r} images')
 
 
 def _apply_student_registrations(tcfg, student_cfg) -> None:
@@ -207,9 +225,10 @@ class _PopRecorder(dict):
         return value
 
 
-class _RecordingCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer (all its formats and key heuristics) that keeps the incompatibilities
-    and what was loaded: the checkpoint's own key names, the state dict as loaded, its author."""
+class _RecordingCheckpointer(CheckedCheckpointer):
+    """DetectionCheckpointer (all its formats and key heuristics; a file that is not a checkpoint
+    refused in one message) that keeps the incompatibilities and what was loaded: the checkpoint's
+    own key names, the state dict as loaded, its author."""
 
     incompatible = None
     original_keys: frozenset = frozenset()
@@ -263,7 +282,8 @@ def load_weights_strictly(model: nn.Module, weights: str, what: str = "teacher")
             f"The {what} has no weights: set MODEL.DISTILL.TEACHER.WEIGHTS (or MODEL.WEIGHTS in the "
             "teacher yaml) to a trained checkpoint; a random teacher teaches nothing."
         )
-    checkpointer = _RecordingCheckpointer(model)
+    key = " (MODEL.DISTILL.TEACHER.WEIGHTS)" if what == "teacher" else ""
+    checkpointer = _RecordingCheckpointer(model, what=f"The {what} checkpoint{key}")
     plain = urlparse(weights)._replace(query="").geturl()  # as DetectionCheckpointer.load
     if "://" in plain:
         try:
@@ -285,14 +305,28 @@ def load_weights_strictly(model: nn.Module, weights: str, what: str = "teacher")
     incompatible = checkpointer.incompatible
     problems: List[str] = []
     if incompatible.missing_keys:
-        problems.append(f"missing keys: {sorted(incompatible.missing_keys)}")
+        problems.append(f"missing keys: {shown(sorted(incompatible.missing_keys))}")
     if incompatible.unexpected_keys:
-        problems.append(f"unexpected keys: {sorted(incompatible.unexpected_keys)}")
+        problems.append(f"unexpected keys: {shown(sorted(incompatible.unexpected_keys))}")
     if incompatible.incorrect_shapes:
         shapes = [f"{k} (checkpoint {tuple(a)} vs model {tuple(b)})"
                   for k, a, b in incompatible.incorrect_shapes]
-        problems.append(f"mis-shaped keys: {shapes}")
+        problems.append(f"mis-shaped keys: {shown(shapes, quote=False)}")
     if problems:
+        student = _student_checkpoint(checkpointer)
+        if student:
+            raise RuntimeError(
+                f"The {what} checkpoint {weights!r} is {student}, not a {what}'s: point "
+                "MODEL.DISTILL.TEACHER.WEIGHTS at the teacher's own checkpoint (the "
+                "model_final.pth of the run of MODEL.DISTILL.TEACHER.CONFIG)")
+        model_keys = set(model.state_dict())
+        if checkpointer.original_keys and not (checkpointer.original_keys & model_keys) and not (
+                set(checkpointer.loaded_state or {}) & model_keys):
+            raise RuntimeError(
+                f"The {what} checkpoint {weights!r} is not a checkpoint of this detector: none of "
+                f"its {len(checkpointer.original_keys)} tensors "
+                f"({shown(sorted(checkpointer.original_keys), 3)}) is one of the "
+                f"{model.__class__.__name__} that MODEL.DISTILL.TEACHER.CONFIG builds")
         hint = ""
         if incompatible.incorrect_shapes:
             hint = (" A checkpoint trained on other classes (e.g. a COCO model-zoo detector, 80 "
@@ -312,6 +346,18 @@ def load_weights_strictly(model: nn.Module, weights: str, what: str = "teacher")
         renamed=sum(1 for k in loaded if k not in checkpointer.original_keys),
         author=checkpointer.author,
     )
+
+
+def _student_checkpoint(checkpointer: _RecordingCheckpointer) -> str:
+    """``"a distillation run's checkpoint (...)"`` when the checkpoint just read is a student's:
+    it holds distiller tensors, or :mod:`csgr_distill.export` wrote it; else ``""``."""
+    distillers = [k for k in checkpointer.original_keys if k.startswith("distillers.")]
+    if distillers:
+        return (f"a distillation run's checkpoint (a student: it holds {len(distillers)} "
+                "distillers.* tensors)")
+    if checkpointer.author == "csgr_distill.export":
+        return "an exported student (tools/export_student.py, model_final_student.pth)"
+    return ""
 
 
 def teacher_summary(tcfg, report: LoadReport) -> str:

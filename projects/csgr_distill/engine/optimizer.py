@@ -8,19 +8,65 @@ norm_type=2)``: the gradients of *all* parameters form one vector ``g`` with
 ``total = ||g||_NORM_TYPE``; when ``total > CLIP_VALUE`` every gradient is multiplied by
 ``CLIP_VALUE / total`` (``torch.nn.utils.clip_grad_norm_``), so the update keeps its direction and
 its total size is bounded.
+
+Non-finite gradients stop the run before they reach the weights: :func:`check_gradient_norm`
+raises :class:`NonFiniteGradientError` when the global gradient norm is NaN or infinite. With
+``"full_model"`` clipping the norm the clipping computes is checked (one host sync, no second
+norm); otherwise :class:`GradientCheckHook` computes it after the backward pass (one host sync).
+``DistillTrainer`` turns the error into a message naming the largest losses and their weight keys.
 """
 import itertools
-from typing import Type, Union
+from typing import Iterable, Type, Union
 
 import torch
 from detectron2.config import CfgNode
+from detectron2.engine import HookBase
 from detectron2.solver import build_optimizer as build_detectron2_optimizer
 
 __all__ = ["CLIP_TYPES", "OPTIMIZERS", "build_optimizer", "build_base_optimizer",
-           "add_full_model_gradient_clipping"]
+           "add_full_model_gradient_clipping", "GradientCheckHook", "NonFiniteGradientError",
+           "check_gradient_norm", "checks_gradients"]
 
 #: the accepted ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE`` values (the first two are detectron2's)
 CLIP_TYPES = ("value", "norm", "full_model")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """The gradients' global norm (``norm``) is NaN or infinite; raised before the optimizer
+    changes any weight."""
+
+    def __init__(self, norm: float):
+        super().__init__(f"the gradients' global norm is {norm}")
+        self.norm = norm
+
+
+def check_gradient_norm(total_norm: torch.Tensor) -> None:
+    """:class:`NonFiniteGradientError` when ``total_norm`` (a 0-dim tensor) is NaN or infinite.
+    One host sync."""
+    if not bool(torch.isfinite(total_norm)):
+        raise NonFiniteGradientError(float(total_norm))
+
+
+def gradient_norm(params: Iterable[torch.nn.Parameter], norm_type: float = 2.0) -> torch.Tensor:
+    """The ``norm_type``-norm of all gradients of ``params`` together (0 when none has one), as
+    ``clip_grad_norm_`` computes it; no host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, norm_type) if grads else torch.zeros(())
+
+
+def checks_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` itself checks the gradients (full-model clipping)."""
+    return bool(getattr(type(optimizer), "checks_gradients", False))
+
+
+class GradientCheckHook(HookBase):
+    """After each backward pass: :func:`check_gradient_norm` of the model's gradients, for an
+    optimizer that does not check them itself (:func:`checks_gradients`). Not used with AMP:
+    there the gradients are scaled and detectron2's GradScaler skips the steps whose gradients
+    are not finite."""
+
+    def after_backward(self):
+        check_gradient_norm(gradient_norm(self.trainer.model.parameters()))
 
 
 def add_full_model_gradient_clipping(
@@ -36,7 +82,8 @@ def add_full_model_gradient_clipping(
 
     Before each step the gradients of every parameter in every param group (those with
     ``grad is None`` are skipped) are treated as one vector; if its ``norm_type``-norm exceeds
-    ``max_norm`` they are all scaled by ``max_norm / total_norm``.
+    ``max_norm`` they are all scaled by ``max_norm / total_norm``. A NaN or infinite total norm
+    raises :class:`NonFiniteGradientError` before any weight changes (the one host sync).
     """
     if max_norm <= 0:
         raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_VALUE must be > 0 for CLIP_TYPE "
@@ -48,10 +95,11 @@ def add_full_model_gradient_clipping(
 
     def step(self, closure=None):
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+        check_gradient_norm(torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type))
         return base.step(self, closure)
 
-    clipped = type(base.__name__ + "WithFullModelGradientClip", (base,), {"step": step})
+    clipped = type(base.__name__ + "WithFullModelGradientClip", (base,),
+                   {"step": step, "checks_gradients": True})
     if isinstance(optimizer, torch.optim.Optimizer):
         optimizer.__class__ = clipped
         return optimizer

@@ -1,19 +1,27 @@
-"""DistillTrainer: DefaultTrainer + dataset check, teacher attachment, decay schedule, full-model
-gradient clipping, plain-student export and per-dataset evaluators."""
+"""DistillTrainer: DefaultTrainer + machine and dataset checks, teacher attachment, decay schedule,
+full-model gradient clipping, a stop with the cause on non-finite losses or gradients, checkpoints
+written whole, plain-student export and per-dataset evaluators."""
 import logging
+import math
 import os
+from typing import Dict, List, Optional
 
+import torch
 from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.utils import comm
 
+from ..checkpoint import CheckedCheckpointer
+from ..cli import debug_enabled, user_error_message
 from ..config import scale_schedule
 from ..data.checks import check_training_data
 from ..data.errors import check_datasets
 from ..evaluation import build_evaluator
 from ..export import write_student
 from ..inherit import INHERIT_KEY, changed_since, inherit_from_teacher, snapshot
+from .checks import check_device
 from .decay import DistillDecayHook
-from .optimizer import build_optimizer
+from .optimizer import (GradientCheckHook, NonFiniteGradientError, build_optimizer,
+                        checks_gradients)
 from .utils import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -38,13 +46,49 @@ class _ExportStudentHook(HookBase):
         write_student(unwrap_model(self.trainer.model).state_dict(), path, self.trainer.cfg)
 
 
+class _LastLosses:
+    """A forward hook on the trained model keeping its last training loss dict (detached; no
+    host sync), to name the losses when a step diverges."""
+
+    def __init__(self):
+        self.losses: Optional[Dict[str, torch.Tensor]] = None
+
+    def __call__(self, module, inputs, output):
+        if module.training and isinstance(output, dict):
+            self.losses = {k: v.detach() for k, v in output.items() if torch.is_tensor(v)}
+
+
+class _OneLineUserErrors(logging.Filter):
+    """For detectron2's ``"Exception during training:"`` record (its traceback, logged before the
+    exception propagates): a known user error (:func:`csgr_distill.cli.user_error_message`) is
+    logged as its one-line message instead, unless ``--debug`` / ``CSGR_DEBUG=1``."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or debug_enabled():
+            return True
+        if str(exc).startswith(_DETECTRON2_LOSS_CHECK):
+            return False  # "Exception in writing metrics": DistillTrainer.run_step says it better
+        message = user_error_message(exc)
+        if message is not None:
+            record.msg, record.args = "Training stopped: %s", (message,)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+#: detectron2's SimpleTrainer message for a non-finite total loss
+_DETECTRON2_LOSS_CHECK = "Loss became infinite or NaN at iteration="
+
+
 class DistillTrainer(DefaultTrainer):
     """Trains teachers, baseline students and distilled students alike.
 
-    * before anything is built, checks that every ``DATASETS.TRAIN`` and ``DATASETS.TEST`` name is
-      registered and on disk (:func:`csgr_distill.data.errors.check_datasets`), so a missing test
-      set fails before the first iteration, not at the final evaluation; that no training set is
-      empty and the head's class count matches the training classes
+    * before anything is built, checks the machine (:func:`~csgr_distill.engine.checks.
+      check_device`: ``MODEL.DEVICE`` exists, ``SOLVER.AMP.ENABLED`` only on CUDA) and that
+      every ``DATASETS.TRAIN`` and ``DATASETS.TEST`` name is registered and on disk
+      (:func:`csgr_distill.data.errors.check_datasets`), so a missing test set fails before the
+      first iteration, not at the final evaluation; that no training set is empty and the
+      head's class count matches the training classes
       (:func:`csgr_distill.data.checks.check_training_data`);
     * builds and attaches the teacher (strict load) before the first step when
       ``MODEL.DISTILL.ENABLED``;
@@ -57,7 +101,19 @@ class DistillTrainer(DefaultTrainer):
     * the optimizer is detectron2's, with ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"`` added
       (:mod:`csgr_distill.engine.optimizer`);
     * a distillation run that completes writes ``model_final_student.{pth,yaml}`` (plain
-      detectron2 weights and config) before the final evaluation.
+      detectron2 weights and config) before the final evaluation;
+    * a step whose losses or gradients are NaN or infinite stops the run before the weights
+      change, with one message naming the non-finite (or the largest) losses and their weight
+      keys (:meth:`divergence_message`); the gradients' global norm is checked every step (one
+      host sync: the full-model clipping's norm, else :class:`~csgr_distill.engine.optimizer.
+      GradientCheckHook`'s; with AMP, detectron2's GradScaler skips such steps itself);
+    * checkpoints are read and written by :class:`~csgr_distill.checkpoint.CheckedCheckpointer`:
+      an unreadable ``MODEL.WEIGHTS`` or last checkpoint is one message saying what the file is,
+      and a checkpoint is written to a temporary file renamed when complete (a full disk leaves
+      no truncated ``model_*.pth``; ``last_checkpoint`` names only complete files);
+    * warnings that make the trained model doubtful (a distillation loss dwarfing the detection
+      losses) are repeated when training ends and kept in ``self.warnings``
+      (``tools/train_net.py`` writes them into ``eval_results.json``).
 
     ``--resume`` (``resume_or_load(resume=True)``) restores what detectron2's checkpoint holds:
     the model weights, distiller parameters included (they are part of the model), the optimizer
@@ -72,14 +128,87 @@ class DistillTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
+        check_device(cfg, training=True, world_size=comm.get_world_size())
         check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
         check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
         check_training_data(cfg)
         super().__init__(cfg)
         student = unwrap_model(self.model)
         self.inherited = None
+        self.warnings: List[str] = []
         if getattr(student, "distill_enabled", False):
             student.attach_teacher()
+        self._last_losses = _LastLosses()
+        self.model.register_forward_hook(self._last_losses)
+        if not cfg.SOLVER.AMP.ENABLED and not checks_gradients(self.optimizer):
+            # the SimpleTrainer runs after_backward of its own hooks only
+            self._trainer.register_hooks([GradientCheckHook()])
+
+    def run_step(self):
+        """detectron2's step; a non-finite loss or gradient becomes :meth:`divergence_message`."""
+        try:
+            super().run_step()
+        except NonFiniteGradientError as e:
+            raise FloatingPointError(self.divergence_message(e.norm)) from e
+        except FloatingPointError as e:
+            if not str(e).startswith(_DETECTRON2_LOSS_CHECK):
+                raise  # the distillers' own check names the loss and its weight key
+            raise FloatingPointError(self.divergence_message()) from e
+
+    def divergence_message(self, gradient_norm: Optional[float] = None) -> str:
+        """One line on a step whose losses (or, from finite losses, gradients: their global norm
+        ``gradient_norm``) are not finite: the non-finite or largest losses with their weight keys
+        (``DistillMixin.loss_weight_hint``), whether the weights are still finite, what to lower.
+        Host syncs here are on the failure path only."""
+        student = unwrap_model(self.model)
+        losses = {k: float(v) for k, v in (self._last_losses.losses or {}).items()}
+        hint = getattr(student, "loss_weight_hint", lambda name: None)
+
+        def named(keys):
+            return ", ".join(f"{k} = {losses[k]:.3g}" + (f" ({hint(k)})" if hint(k) else "")
+                             for k in keys)
+
+        bad = [k for k, v in losses.items() if not math.isfinite(v)]
+        broken = [n for n, p in student.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad or gradient_norm is None:
+            text = (f"Loss became infinite or NaN at iteration {self.iter}: "
+                    f"{named(bad) or 'the total loss'}")
+        else:
+            largest = sorted(losses, key=lambda k: -abs(losses[k]))[:3]
+            text = (f"Gradients became infinite or NaN at iteration {self.iter} (their global norm "
+                    f"is {gradient_norm}) although every loss is finite; the largest losses: "
+                    f"{named(largest)}. Lower the weight named first")
+        if broken:
+            text += (f"; {len(broken)} parameters already hold NaN/inf (e.g. {broken[0]}): an "
+                     "earlier update blew them up; lower SOLVER.BASE_LR or clip the gradients "
+                     "(SOLVER.CLIP_GRADIENTS.ENABLED True, CLIP_TYPE full_model)")
+        elif bad:
+            size, name = max((float(p.detach().abs().max()), n)
+                             for n, p in student.named_parameters() if p.numel())
+            text += (f"; the weights are finite (the largest: {size:.3g}, in {name}): lower "
+                     "SOLVER.BASE_LR if they grew large, else that loss's weight, or check the "
+                     "input data (boxes, images)")
+        last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else ""
+        return text + (f". This step was not applied; the last checkpoint is {last}" if last
+                       else ". This step was not applied")
+
+    def train(self):
+        """detectron2's ``train`` (a user error that stops it is logged in one line, not with its
+        traceback: ``run_cli`` prints it); then the warnings the model gave
+        (``training_warnings``) are logged again, as the run's summary, and kept in
+        ``self.warnings``."""
+        train_loop_logger = logging.getLogger("detectron2.engine.train_loop")
+        one_line = _OneLineUserErrors()
+        train_loop_logger.addFilter(one_line)
+        try:
+            result = super().train()
+        finally:
+            train_loop_logger.removeFilter(one_line)
+        self.warnings = list(getattr(unwrap_model(self.model), "training_warnings", []))
+        if self.warnings and comm.is_main_process():
+            logger.warning("Training finished with %d warning(s); the model it trained may be "
+                           "useless:\n  %s", len(self.warnings), "\n  ".join(self.warnings))
+        return result
 
     def resume_or_load(self, resume=True):
         """detectron2's ``resume_or_load`` (``MODEL.WEIGHTS``, or the last checkpoint of
@@ -130,6 +259,11 @@ class DistillTrainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     def build_hooks(self):
+        # DefaultTrainer.__init__ calls this right after making its DetectionCheckpointer: it is
+        # replaced here, before the hooks (PeriodicCheckpointer) take it
+        self.checkpointer = CheckedCheckpointer(
+            self.model, self.cfg.OUTPUT_DIR, what="MODEL.WEIGHTS",
+            **self.checkpointer.checkpointables)
         ret = super().build_hooks()
         if self.cfg.MODEL.DISTILL.ENABLED:
             ret.insert(0, DistillDecayHook.from_config(self.cfg))

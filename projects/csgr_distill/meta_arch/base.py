@@ -16,11 +16,15 @@ One training step:
    fields asked of the teacher;
 3. each distiller returns named, weighted losses; each is multiplied by that method's decay
    factor and merged into the loss dict. A non-finite distillation loss stops the run with a
-   message naming the loss and its weight key.
+   message naming the loss and its weight key. Under autocast (detectron2's AMPTrainer) the
+   teacher and the student run in half precision, the distillers in float32: their inputs are
+   cast to float32 and autocast is off while they run, so their losses (sums over whole feature
+   maps, softmaxes with temperatures) are float32.
 
 With ``MODEL.DISTILL.ENABLED = False`` nothing of this is built and the class is its base class.
 """
 import contextlib
+import copy
 import logging
 import math
 from typing import Dict, List, Optional, Tuple
@@ -109,6 +113,8 @@ class DistillMixin:
         self._teacher: Optional[FrozenTeacher] = None
         self._grid_multiple = int(grid_multiple)
         self._dominance_warned = False
+        #: warnings that make the trained model doubtful (repeated by the trainer at the end)
+        self.training_warnings: List[str] = []
         self.recorder = recorder_for(type(self))
         self.distill_fields = distill_fields or {r: () for r in ROLES}
         self.recorder.check_fields(self.distill_fields["student"], "student",
@@ -258,9 +264,14 @@ class DistillMixin:
         """Run every distiller, scale by its decay factor, check, merge into ``losses``."""
         distill: Dict[str, Tensor] = {}
         owner: Dict[str, str] = {}
+        device_type = self.device.type
+        if torch.is_autocast_enabled(device_type):  # AMP: the distillers run in float32
+            student, teacher = _float32_record(student), _float32_record(teacher)
         for name, distiller in self.distillers.items():
             factor = float(self.distill_factors.get(name, self.distill_factor))
-            for key, value in distiller(student, teacher, gt_instances).items():
+            with torch.autocast(device_type, enabled=False):
+                returned = distiller(student, teacher, gt_instances)
+            for key, value in returned.items():
                 if key in losses or key in distill:
                     raise KeyError(f"Distiller {name} returns loss {key!r}, which already exists")
                 distill[key] = value * factor
@@ -294,11 +305,23 @@ class DistillMixin:
                 and abs(total) > DOMINANCE_WARNING * abs(det_total)):
             self._dominance_warned = True
             worst = max(keys, key=lambda k: abs(values[keys.index(k)]))
-            logger.warning(
-                "The distillation losses (%.3g) are more than %.0e times the detection losses "
-                "(%.3g); the largest is %s = %.3g (%s). A weight this large drowns the detection "
-                "loss: check it.", total, DOMINANCE_WARNING, det_total, worst,
-                values[keys.index(worst)], self._weight_hint(owner[worst], worst))
+            message = (
+                f"The distillation losses ({total:.3g}) are more than {DOMINANCE_WARNING:.0e} "
+                f"times the detection losses ({det_total:.3g}); the largest is {worst} = "
+                f"{values[keys.index(worst)]:.3g} ({self._weight_hint(owner[worst], worst)}). A "
+                "weight this large drowns the detection loss: check it.")
+            self.training_warnings.append(message)
+            logger.warning(message)
+
+    def loss_weight_hint(self, loss_name: str) -> Optional[str]:
+        """``'weight MODEL.DISTILL.CSGR.ALPHA = 0.0005'`` for a distillation loss (from the first
+        distiller whose ``loss_weight_keys`` has a prefix of its name); None for a loss no
+        distiller names (a detection loss, or distillation off)."""
+        for method, distiller in (self.distillers or {}).items():
+            keys = getattr(distiller, "loss_weight_keys", {}) or {}
+            if any(loss_name.startswith(prefix) for prefix in keys):
+                return self._weight_hint(method, loss_name)
+        return None
 
     def _weight_hint(self, method: str, loss_name: str) -> str:
         """``'weight MODEL.DISTILL.CSGR.ALPHA = 0.0005'`` for a loss, from the distiller's
@@ -314,3 +337,22 @@ class DistillMixin:
                     value = "?"
                 return f"weight {key} = {value}"
         return f"method {method}"
+
+
+def _float32(value):
+    """``value`` with every floating-point tensor in it (also inside dicts, lists, tuples) cast to
+    float32; other values as they are."""
+    if isinstance(value, Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return type(value)((k, _float32(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_float32(v) for v in value)
+    return value
+
+
+def _float32_record(record: DetectorOutputs) -> DetectorOutputs:
+    """A copy of ``record`` whose tensor fields are float32 (autograd flows through the cast)."""
+    out = copy.copy(record)
+    out._fields = {name: _float32(record[name]) for name in record}
+    return out
