@@ -106,3 +106,35 @@ def test_trainer_and_soda10m_protocol_use_full_model_clipping():
         True, "full_model", 35.0, 2.0)
     optimizer = DistillTrainer.build_optimizer(cfg, TwoParams())
     assert type(optimizer).__name__ == "SGDWithFullModelGradientClip"
+
+
+def test_deformable_detr_recipe_scales_the_linear_projections_lr():
+    """Official Deformable DETR: lr 2e-4, backbone x 0.1, and x 0.1 (lr_linear_proj_mult) for the
+    sampling-offset and reference-point projections; every other parameter at the base lr. The
+    old optimizer gave those projections the base lr."""
+    from csgr_distill.config import load_config
+    from detectron2.modeling import build_model
+
+    cfg = load_config(os.path.join(REPO, "configs/detr/DeformableDETR-R50.yaml"),
+                      ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.DETR.ENC_LAYERS", "1",
+                       "MODEL.DETR.DEC_LAYERS", "2", "MODEL.RESNETS.DEPTH", "18",
+                       "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.DETR.DIM_FEEDFORWARD",
+                       "32"], check_steps=False)
+    assert cfg.SOLVER.LINEAR_PROJ_MULTIPLIER == 0.1 and cfg.SOLVER.BACKBONE_MULTIPLIER == 0.1
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    base = cfg.SOLVER.BASE_LR
+    seen = {"backbone": 0, "linear_proj": 0, "other": 0}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            kind, factor = "backbone", 0.1
+        elif "sampling_offsets" in name or "reference_points" in name:
+            kind, factor = "linear_proj", 0.1
+        else:
+            kind, factor = "other", 1.0
+        seen[kind] += 1
+        assert lr_of[id(p)] == pytest.approx(base * factor), name
+    assert all(seen.values()), seen

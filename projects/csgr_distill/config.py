@@ -283,6 +283,11 @@ def add_architecture_config(cfg):
         cfg.SOLVER.OPTIMIZER = "SGD"
         # lr factor of the backbone's parameters (`backbone.*`); DETR's recipe: 0.1.
         cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+    if "LINEAR_PROJ_MULTIPLIER" not in cfg.SOLVER:
+        # lr factor of Deformable DETR's sampling-offset and reference-point projections
+        # (parameter names containing `sampling_offsets` / `reference_points`); its official
+        # recipe: 0.1 (lr_linear_proj_mult), set by configs/detr/Base-DeformableDETR-COCO.yaml.
+        cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 1.0
     return cfg
 
 

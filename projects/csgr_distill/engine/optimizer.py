@@ -110,25 +110,51 @@ def add_full_model_gradient_clipping(
 OPTIMIZERS = ("SGD", "ADAMW")
 
 
+#: parameter-name parts of Deformable DETR's sampling-offset and reference-point projections,
+#: whose lr the official recipe scales by ``lr_linear_proj_mult`` (SOLVER.LINEAR_PROJ_MULTIPLIER)
+LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
+
+
+def lr_factor(name: str, backbone_multiplier: float, linear_proj_multiplier: float) -> float:
+    """The lr factor of parameter ``name``: ``backbone_multiplier`` for ``backbone.*``,
+    ``linear_proj_multiplier`` for a name containing one of :data:`LINEAR_PROJ_NAMES` (outside
+    the backbone), else 1."""
+    if name.startswith("backbone."):
+        return backbone_multiplier
+    if any(part in name for part in LINEAR_PROJ_NAMES):
+        return linear_proj_multiplier
+    return 1.0
+
+
+def _custom_groups(cfg: CfgNode) -> bool:
+    """Whether the config asks for more than detectron2's own SGD param groups."""
+    return (str(cfg.SOLVER.get("OPTIMIZER", "SGD")).upper() != "SGD"
+            or float(cfg.SOLVER.get("BACKBONE_MULTIPLIER", 1.0)) != 1.0
+            or float(cfg.SOLVER.get("LINEAR_PROJ_MULTIPLIER", 1.0)) != 1.0)
+
+
 def build_base_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer before any clipping: detectron2's SGD (``SOLVER.OPTIMIZER "SGD"``, with
-    ``SOLVER.BACKBONE_MULTIPLIER`` 1) or, otherwise, torch's SGD / AdamW over detectron2's
-    default param groups (weight decay, norm weight decay, bias lr factor) with the lr of every
-    ``backbone.*`` parameter times ``SOLVER.BACKBONE_MULTIPLIER`` (DETR's recipe: AdamW, 0.1)."""
+    """The optimizer before any clipping: detectron2's SGD (``SOLVER.OPTIMIZER "SGD"``, both
+    multipliers 1) or, otherwise, torch's SGD / AdamW over detectron2's default param groups
+    (weight decay, norm weight decay, bias lr factor) with the lr of every ``backbone.*``
+    parameter times ``SOLVER.BACKBONE_MULTIPLIER`` (DETR's recipe: AdamW, 0.1) and of Deformable
+    DETR's sampling offsets and reference points times ``SOLVER.LINEAR_PROJ_MULTIPLIER`` (its
+    recipe: 0.1; :func:`lr_factor`)."""
     name = str(cfg.SOLVER.get("OPTIMIZER", "SGD")).upper()
     if name not in OPTIMIZERS:
         raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got "
                          f"{cfg.SOLVER.OPTIMIZER!r}")
-    multiplier = float(cfg.SOLVER.get("BACKBONE_MULTIPLIER", 1.0))
-    if name == "SGD" and multiplier == 1.0:
+    if not _custom_groups(cfg):
         return build_detectron2_optimizer(cfg, model)
     from detectron2.solver.build import get_default_optimizer_params
 
+    backbone = float(cfg.SOLVER.get("BACKBONE_MULTIPLIER", 1.0))
+    linear_proj = float(cfg.SOLVER.get("LINEAR_PROJ_MULTIPLIER", 1.0))
     params = get_default_optimizer_params(
         model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
-        lr_factor_func=lambda n: multiplier if n.startswith("backbone.") else 1.0)
+        lr_factor_func=lambda n: lr_factor(n, backbone, linear_proj))
     if name == "ADAMW":
         return torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR,
                                  weight_decay=cfg.SOLVER.WEIGHT_DECAY)
@@ -145,8 +171,7 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     adds the global clipping (``CLIP_VALUE`` = max norm, ``NORM_TYPE`` = p).
     """
     clip = cfg.SOLVER.CLIP_GRADIENTS
-    custom = (str(cfg.SOLVER.get("OPTIMIZER", "SGD")).upper() != "SGD"
-              or float(cfg.SOLVER.get("BACKBONE_MULTIPLIER", 1.0)) != 1.0)
+    custom = _custom_groups(cfg)
     if not clip.ENABLED:
         return build_base_optimizer(cfg, model)
     if clip.CLIP_TYPE not in CLIP_TYPES:
