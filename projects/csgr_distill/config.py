@@ -283,6 +283,12 @@ def add_architecture_config(cfg):
         cfg.SOLVER.OPTIMIZER = "SGD"
         # lr factor of the backbone's parameters (`backbone.*`); DETR's recipe: 0.1.
         cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+    if "BACKBONE_WEIGHTS" not in cfg.MODEL:
+        # A trained detectron2 checkpoint (.pth) whose ResNet starts this model's ResNet in a run
+        # that starts at iteration 0, after MODEL.WEIGHTS (csgr_distill/backbone_weights.py):
+        # e.g. a DETR started from the R18 of a RetinaNet trained on the same data. Every ResNet
+        # tensor of the model must be in it; its other tensors are left out. "" = off.
+        cfg.MODEL.BACKBONE_WEIGHTS = ""
     if "LINEAR_PROJ_MULTIPLIER" not in cfg.SOLVER:
         # lr factor of Deformable DETR's sampling-offset and reference-point projections
         # (parameter names containing `sampling_offsets` / `reference_points`); its official

@@ -10,6 +10,7 @@ import torch
 from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.utils import comm
 
+from ..backbone_weights import load_backbone_weights
 from ..checkpoint import CheckedCheckpointer
 from ..cli import debug_enabled, user_error_message
 from ..config import scale_schedule
@@ -212,7 +213,9 @@ class DistillTrainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         """detectron2's ``resume_or_load`` (``MODEL.WEIGHTS``, or the last checkpoint of
-        ``OUTPUT_DIR`` with ``resume``), then ``MODEL.DISTILL.INHERIT_TEACHER``: a run that starts
+        ``OUTPUT_DIR`` with ``resume``); a run that starts at iteration 0 then loads
+        ``MODEL.BACKBONE_WEIGHTS`` into its ResNet (:mod:`csgr_distill.backbone_weights`; the
+        report in ``self.backbone_loaded``); then ``MODEL.DISTILL.INHERIT_TEACHER``: a run that starts
         at iteration 0 copies the teacher's neck and head into the student (the bottom-up stays
         the student's; neck/head tensors that ``MODEL.WEIGHTS`` loaded are replaced, with a
         warning); a run resumed from a checkpoint does not (the checkpoint holds them as
@@ -222,10 +225,15 @@ class DistillTrainer(DefaultTrainer):
                    and self.cfg.MODEL.DISTILL.get("INHERIT_TEACHER", False))
         before = snapshot(student) if inherit else None
         super().resume_or_load(resume=resume)
+        resumed = resume and self.checkpointer.has_checkpoint()
+        self.backbone_loaded = None
+        backbone_weights = self.cfg.MODEL.get("BACKBONE_WEIGHTS", "")
+        if backbone_weights and not resumed:
+            self.backbone_loaded = load_backbone_weights(student, backbone_weights)
         self.inherited = None
         if not inherit:
             return
-        if resume and self.checkpointer.has_checkpoint():
+        if resumed:
             logger.info("%s: not applied, resumed from %s at iteration %d: the checkpoint holds "
                         "the student's neck and head as trained so far", INHERIT_KEY,
                         self.checkpointer.get_checkpoint_file(), self.start_iter)
