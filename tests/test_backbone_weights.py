@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 
 from csgr_distill.backbone_weights import load_backbone_weights, resnet_of
 from csgr_distill.checkpoint import CheckpointFileError
-from csgr_distill.config import load_config
+from csgr_distill.cli import load_config
 from csgr_distill.engine import DistillTrainer
 from tiny import REPO, base_cfg
 

@@ -13,15 +13,13 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from csgr_distill.benchmark.references import REFERENCE_LOSSES
 from csgr_distill.config import add_distill_config
-from csgr_distill.distillers import DISTILLER_REGISTRY
 from csgr_distill.distillers.kd import KDDistiller, sigmoid_kl, softmax_kl
 from csgr_distill.distillers.mimic import MIMICDistiller
 from csgr_distill.distillers.pkd import PKDDistiller, pearson_loss
 from csgr_distill.engine import DistillTrainer
 from csgr_distill.outputs import DetectorOutputs
-from tiny import base_cfg, fake_batch, rcnn_base_cfg, write_model
+from tiny import base_cfg, fake_batch, rcnn_base_cfg, write_model, build_distiller
 
 LN3 = math.log(3.0)
 
@@ -291,7 +289,7 @@ def test_feature_methods_equal_their_straightforward_reference(name, cls):
          for i, lv in enumerate(("p3", "p4", "p5"))}
     t = {lv: torch.randn(3, 16, *v.shape[-2:], dtype=torch.float64) * 3 + 1 for lv, v in s.items()}
     ours = d(_outputs(s), _outputs(t), [])
-    ref = REFERENCE_LOSSES[name](d, s, t)
+    ref = d.reference_losses(_outputs(s), _outputs(t), [])
     assert set(ours) == set(ref) == {f"loss_{name.lower()}_{lv}" for lv in s}
     for k in ours:
         assert ours[k].item() == pytest.approx(ref[k].item(), rel=1e-10)
@@ -319,16 +317,16 @@ def test_defaults_and_from_config():
     assert cfg.MODEL.DISTILL.MIMIC.WEIGHT == 1.0 and cfg.MODEL.DISTILL.KD.TEMPERATURE == 1.0
     for name in ("MIMIC", "PKD", "KD"):
         assert cfg.MODEL.DISTILL[name].DECAY.TYPE == "default"
-    mimic = DISTILLER_REGISTRY.get("MIMIC")(cfg, _shapes(8), _shapes(16))
-    pkd = DISTILLER_REGISTRY.get("PKD")(cfg, _shapes(16), _shapes(16))
+    mimic = build_distiller("MIMIC", cfg, _shapes(8), _shapes(16))
+    pkd = build_distiller("PKD", cfg, _shapes(16), _shapes(16))
     assert mimic.in_features == pkd.in_features == ["p3", "p4", "p5", "p6", "p7"]
     assert isinstance(mimic.adapters["p7"], nn.Conv2d) and isinstance(pkd.adapters["p3"], nn.Identity)
     assert pkd.weight == 6.0 and pkd.loss_weight_keys == {"loss_pkd": "MODEL.DISTILL.PKD.WEIGHT"}
     assert mimic.loss_weight_keys == {"loss_mimic": "MODEL.DISTILL.MIMIC.WEIGHT"}
-    kd = DISTILLER_REGISTRY.get("KD")(cfg, _shapes(8), _shapes(16))
+    kd = build_distiller("KD", cfg, _shapes(8), _shapes(16))
     assert (kd.field, kd.classes_per_anchor, kd.activation) == ("cls_logits", 6, "sigmoid")
     assert kd.required_outputs == {"student": ("cls_logits",), "teacher": ("cls_logits",)}
-    kd = DISTILLER_REGISTRY.get("KD")(_cfg("DistillGeneralizedRCNN"), _shapes(8), _shapes(16))
+    kd = build_distiller("KD", _cfg("DistillGeneralizedRCNN"), _shapes(8), _shapes(16))
     assert (kd.field, kd.classes_per_anchor) == ("rpn_objectness_logits", 1)
 
 
@@ -344,7 +342,7 @@ def test_config_errors_name_the_key(name, key, value, arch):
     cfg = _cfg(arch)
     cfg.MODEL.DISTILL[name][key] = value
     with pytest.raises(ValueError, match=rf"MODEL\.DISTILL\.{name}\.{key}"):
-        DISTILLER_REGISTRY.get(name)(cfg, _shapes(8), _shapes(16))
+        build_distiller(name, cfg, _shapes(8), _shapes(16))
 
 
 # ---------------------------------------------------------------- detectors

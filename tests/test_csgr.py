@@ -8,9 +8,9 @@ from detectron2.layers import ShapeSpec
 from torch import nn
 
 from csgr_distill.config import add_distill_config
-from csgr_distill.distillers import DISTILLER_REGISTRY
+from tiny import build_distiller
 from csgr_distill.distillers.csgr import CSGRDistiller, category_vectors
-from csgr_distill.teacher import num_classes_of
+from csgr_distill.detectors import num_classes_of
 from csgr_distill.layers.reference import loop_category_vectors, loop_channel_standardize
 from csgr_distill.outputs import DetectorOutputs
 
@@ -216,7 +216,7 @@ def _shapes(channels, strides=(8, 16)):
 
 
 def test_from_config():
-    d = DISTILLER_REGISTRY.get("CSGR")(_cfg(ALPHA=0.1, BETA=0.2, RECURRENCE=2),
+    d = build_distiller("CSGR", _cfg(ALPHA=0.1, BETA=0.2, RECURRENCE=2),
                                        _shapes(8), _shapes(16))
     assert d.num_classes == 6 and d.alpha == 0.1 and d.beta == 0.2
     assert d.levels["p4"].classifier.out_channels == 6
@@ -235,4 +235,4 @@ def test_from_config():
 ])
 def test_config_errors_name_the_key(kw, student, teacher, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        DISTILLER_REGISTRY.get("CSGR")(_cfg(**kw), student, teacher)
+        build_distiller("CSGR", _cfg(**kw), student, teacher)

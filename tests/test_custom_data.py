@@ -1,5 +1,5 @@
 """The user's own datasets without code: DATASETS.REGISTER, --register-dataset, validation, class
-count. Every fixture is written here in the layout datasets/README.md documents: a COCO json + PNG
+count. Every fixture is written here in the layout docs/own_data.md documents: a COCO json + PNG
 images, and a VOC folder (Annotations/*.xml, JPEGImages/*.jpg, ImageSets/Main/<split>.txt).
 DatasetCatalog is global: each test registers fresh names."""
 import argparse

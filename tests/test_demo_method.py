@@ -11,8 +11,9 @@ import sys
 import pytest
 from detectron2.config import get_cfg
 
-import csgr_distill.teacher
-from csgr_distill.config import add_distill_config, load_config
+import csgr_distill.evaluation.teacher_check
+from csgr_distill.cli import load_config
+from csgr_distill.config import add_distill_config
 from csgr_distill.distillers import DISTILLER_REGISTRY, registered_distillers
 from tiny import REPO, TINY_TRAIN, TINY_VAL, fake_demo_tool
 
@@ -53,14 +54,14 @@ def repo(tmp_path, monkeypatch):
 
     fake_tool = fake_demo_tool(calls, AP)
 
-    real_check = csgr_distill.teacher.teacher_check
+    real_check = csgr_distill.evaluation.teacher_check.teacher_check
 
     def recording_check(cfg, **kw):
         checked.append(cfg)
         return real_check(cfg, **kw)
 
     monkeypatch.setattr(demo, "run_tool", fake_tool)
-    monkeypatch.setattr(csgr_distill.teacher, "teacher_check", recording_check)
+    monkeypatch.setattr(csgr_distill.evaluation.teacher_check, "teacher_check", recording_check)
     return tmp_path, calls, checked
 
 

@@ -152,7 +152,7 @@ def test_demo_variant_trains_evaluates_exports_and_reloads(tmp_path, tiny_shapes
     import sys
     sys.path.insert(0, os.path.join(REPO, "tools"))
     import train_net
-    from csgr_distill.config import load_config
+    from csgr_distill.cli import load_config
     from csgr_distill.export import StudentCheckpointer, export_student
 
     config = os.path.join(REPO, "configs/demo", config)
@@ -251,7 +251,7 @@ MODES = {"single_stage": [], "box_refine": ["MODEL.DETR.WITH_BOX_REFINE", "True"
 
 
 def _deformable_cfg(mode="single_stage", extra=()):
-    from csgr_distill.config import load_config
+    from csgr_distill.cli import load_config
     cfg = load_config(os.path.join(REPO, "configs/demo/DeformableDETR-R18.yaml"),
                       ["INPUT.FIXED_SIZE", "64", "MODEL.DETR.HIDDEN_DIM", "64",
                        "MODEL.DETR.NHEADS", "4", "MODEL.DETR.DIM_FEEDFORWARD", "64",
@@ -787,7 +787,7 @@ def test_hub_layout_with_a_timm_resnet_and_per_layer_heads_converts(tmp_path):
 def test_coco_configs_build_the_official_variants(name):
     """configs/detr/DeformableDETR-R50*.yaml: the official recipe's variants, 300 queries (and
     proposals), per-layer heads with box refinement, one shared without."""
-    from csgr_distill.config import load_config
+    from csgr_distill.cli import load_config
     cfg = load_config(os.path.join(REPO, "configs/detr", name),
                       ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"], check_steps=False)
     refine, two_stage = "BoxRefine" in name or "TwoStage" in name, "TwoStage" in name

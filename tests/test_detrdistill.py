@@ -17,7 +17,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from torch.nn import functional as F
 
-from csgr_distill.config import load_config
+from csgr_distill.cli import load_config
 from csgr_distill.distillers.detrdistill import (DETRDistillDistiller, clip_to_image,
                                                  match_predictions, soft_class_cost,
                                                  target_aware_mask)

@@ -11,7 +11,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from csgr_distill.config import load_config
+from csgr_distill.cli import load_config
 from csgr_distill.detr_port.detr import detr_targets
 from tiny import REPO, fake_batch, logged_keys, train_opts, write_model
 

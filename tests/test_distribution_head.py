@@ -133,7 +133,7 @@ def test_export_and_reload_give_identical_predictions(tmp_path):
     """A DistillDistributionRetinaNet's exported student is a DistributionRetinaNet with its
     REG_MAX/DFL_WEIGHT kept; loaded the way tools/train_net.py loads a config, it predicts what
     the training model predicts."""
-    from csgr_distill.config import load_config
+    from csgr_distill.cli import load_config
     from csgr_distill.export import StudentCheckpointer, write_student
 
     cfg = _cfg(tmp_path, meta="DistillDistributionRetinaNet")

@@ -19,10 +19,11 @@ from detectron2.utils.events import EventStorage
 from csgr_distill.checkpoint import (CheckedCheckpointer, CheckpointFileError, atomic_open,
                                      read_checkpoint)
 from csgr_distill.cli import USER_ERROR_EXIT, CliError, parse_args_anywhere, run_cli
-from csgr_distill.config import load_config
+from csgr_distill.cli import load_config
 from csgr_distill.engine import build_optimizer
 from csgr_distill.engine.optimizer import GradientCheckHook, NonFiniteGradientError
-from csgr_distill.teacher import build_teacher_cfg, load_weights_strictly
+from csgr_distill.checkpoint import load_weights_strictly
+from csgr_distill.teacher import build_teacher_cfg
 from tiny import REPO, base_cfg, fake_batch, make_teacher, student_cfg, train_opts, write_model
 
 sys.path.insert(0, os.path.join(REPO, "tools"))

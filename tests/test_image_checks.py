@@ -3,7 +3,7 @@ image files (missing, not an image, another size than the annotations give as de
 them, EXIF orientation included) all reported at once; annotation values that are not numbers;
 image / file / annotation ids given twice; classes without boxes; crowd-only training sets; VOC
 images other than .jpg; a test set with other classes; the registration line on the console and
-in log.txt. Fixtures are written in the layouts datasets/README.md documents (COCO json +
+in log.txt. Fixtures are written in the layouts docs/own_data.md documents (COCO json +
 images/, VOC folder), with real JPEG / PNG / TIFF / WebP files."""
 import io
 import json
@@ -299,7 +299,7 @@ def test_category_without_boxes_is_a_warning_naming_it_and_how_to_drop_it(tmp_pa
     cfg.MODEL.RETINANET.NUM_CLASSES = 5
     with pytest.raises(ValueError, match=r"Set MODEL.RETINANET.NUM_CLASSES 3 .*; without the "
                                          r"classes that have no boxes, \['objects'\], it would "
-                                         r"be 2 \(datasets/README.md"):
+                                         r"be 2 \(docs/own_data.md"):
         D.check_num_classes(cfg)
     # the demo / gain pipeline warns too
     caplog.clear()

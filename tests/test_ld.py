@@ -16,7 +16,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torchvision.ops import box_iou, distance_box_iou
 
-from csgr_distill.config import load_config
+from csgr_distill.cli import load_config
 from csgr_distill.distillers.ld import LDDistiller, bin_kl, pairwise_diou, vlr_region
 from csgr_distill.outputs import DetectorOutputs
 from tiny import REPO, base_cfg, fake_batch, logged_keys, train_opts, write_model
@@ -585,13 +585,12 @@ def test_chosen_anchor_is_the_best_scored_positive():
     dict(RECIPES["gfl"]), dict(RECIPES["retina"]), dict(EARLIER["retina"]),
     dict(RECIPES["retina"], vlr_diou="released")])
 def test_the_benchmark_reference_follows_every_option(options):
-    """benchmark/head_references.py's plain LD (what tools/benchmark.py kernels compares with)."""
-    from csgr_distill.benchmark.head_references import straightforward_ld
-
+    """LD's straightforward reference (``reference_losses``: what tools/benchmark.py kernels
+    compares with)."""
     maps, anchors, labels, gts, k, reg_max = parity_inputs()
     records = _parity_records(maps, anchors, labels, gts)
     d = _parity_distiller(k, reg_max, options)
-    ours, ref = d(*records), straightforward_ld(d, *records)
+    ours, ref = d(*records), d.reference_losses(*records)
     assert set(ours) == set(ref)
     for name in ours:
         assert math.isclose(float(ours[name]), float(ref[name]), rel_tol=1e-6), name

@@ -14,13 +14,9 @@ from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
 import csgr_distill.data as D
-from csgr_distill.teacher import (
-    FrozenTeacher,
-    build_teacher_cfg,
-    load_weights_strictly,
-    read_metric,
-    teacher_check,
-)
+from csgr_distill.checkpoint import load_weights_strictly
+from csgr_distill.evaluation.teacher_check import read_metric, teacher_check
+from csgr_distill.teacher import FrozenTeacher, build_teacher_cfg
 from test_custom_data import make_coco
 from tiny import TINY_TRAIN, TINY_VAL, base_cfg, make_teacher, student_cfg
 
@@ -88,7 +84,7 @@ def test_model_zoo_pkl_of_other_classes_says_fine_tune_first(tmp_path, teacher_f
         load_weights_strictly(_fresh_teacher_model(tmp_path, yaml_path), pkl)
     msg = str(e.value)
     assert "mis-shaped keys" in msg and "head.cls_score.weight" in msg
-    assert "fine-tune it on your data first" in msg and "datasets/README.md" in msg
+    assert "fine-tune it on your data first" in msg and "docs/own_data.md" in msg
 
 
 def test_fine_tuning_from_a_zoo_pkl_of_other_classes_keeps_all_but_the_logits(tmp_path,

@@ -112,7 +112,7 @@ def test_deformable_detr_recipe_scales_the_linear_projections_lr():
     """Official Deformable DETR: lr 2e-4, backbone x 0.1, and x 0.1 (lr_linear_proj_mult) for the
     sampling-offset and reference-point projections; every other parameter at the base lr. The
     old optimizer gave those projections the base lr."""
-    from csgr_distill.config import load_config
+    from csgr_distill.cli import load_config
     from detectron2.modeling import build_model
 
     cfg = load_config(os.path.join(REPO, "configs/detr/DeformableDETR-R50.yaml"),

@@ -35,7 +35,7 @@ def test_every_variant_trains_with_finite_losses(retinanet_rows):
 
 def _methods(label):
     """The registered methods a variant runs (from its MODEL.DISTILL.METHODS override)."""
-    opts = method_variants()[label]
+    opts = method_variants("overhead")[label]
     return opts[opts.index("MODEL.DISTILL.METHODS") + 1]
 
 
@@ -70,13 +70,20 @@ def test_floor_and_method_bookkeeping(retinanet_rows):
             assert row["matmul_flop_over_floor_percent"] > 0, label
 
 
-def test_ld_is_timed_on_the_distribution_head_detector(tmp_path):
+def test_ld_is_timed_on_the_distribution_head_detector_only(tmp_path):
+    """Which pair times which method is the methods' own build-time check: LD on the
+    distribution-head RetinaNet, not on the plain one."""
+    for detector, expected in (("RetinaNet, distribution head", ["CSGR", "LD"]),
+                               ("RetinaNet", ["CSGR"])):
+        overhead.run(str(tmp_path), height=128, width=128, batch=2, repeats=1, warmup=0,
+                     detectors=(detector,), command="test", measure_memory=False,
+                     methods=["CSGR", "LD"])
+        rows = {r["variant"]: r for r in json.loads((tmp_path / "overhead.json").read_text())
+                [f"cpu {detector}"]["rows"]}
+        assert list(rows) == [overhead.STUDENT, overhead.FLOOR] + expected, detector
     detector = "RetinaNet, distribution head"
-    overhead.run(str(tmp_path), height=128, width=128, batch=2, repeats=1, warmup=0,
-                 detectors=(detector,), command="test", measure_memory=False)
     rows = {r["variant"]: r for r in json.loads((tmp_path / "overhead.json").read_text())
             [f"cpu {detector}"]["rows"]}
-    assert list(rows) == [overhead.STUDENT, overhead.FLOOR, "LD"]
     assert all(r["losses_finite"] for r in rows.values())
     # LD's RetinaNet recipe (configs/LD-RetinaNet-R50.yaml): no DFL on the student
     assert {"loss_ld", "loss_ld_vlr", "loss_ld_kd"} <= set(rows["LD"]["losses"])
@@ -84,11 +91,16 @@ def test_ld_is_timed_on_the_distribution_head_detector(tmp_path):
 
 @pytest.mark.parametrize("detector", ["DETR", "Deformable DETR"])
 def test_detr_family_students_are_timed_with_csgr_and_detrdistill(tmp_path, detector):
+    labels = ["CSGR", "CSGR recurrence 2", "CSGR teacher_head", "KD", "DETRDistill",
+              "DETRDistill logits only", "DETRDistill features only",
+              "DETRDistill query prior only",
+              "DETRDistill query prior only, last-layer assignment"]
     overhead.run(str(tmp_path), height=64, width=64, batch=2, repeats=1, warmup=0,
-                 detectors=(detector,), command="test", measure_memory=False)
+                 detectors=(detector,), command="test", measure_memory=False, methods=labels)
     rows = {r["variant"]: r for r in json.loads((tmp_path / "overhead.json").read_text())
             [f"cpu {detector}"]["rows"]}
-    # CSGR teacher_head needs dense logits: skipped; DETRDistill's components timed one by one
+    # CSGR teacher_head and KD need dense logits: refused by their own checks, skipped;
+    # DETRDistill's components timed one by one
     assert list(rows) == [overhead.STUDENT, overhead.FLOOR, "CSGR", "CSGR recurrence 2",
                           "DETRDistill", "DETRDistill logits only", "DETRDistill features only",
                           "DETRDistill query prior only",

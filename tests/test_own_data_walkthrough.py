@@ -1,4 +1,4 @@
-"""datasets/README.md, "Distil on your own data in four commands", with the project's tools and no
+"""docs/own_data.md, "Distil on your own data in four commands", with the project's tools and no
 Python of the user's: teacher, baseline and distilled student trained on a VOC-XML dataset given
 with --register-dataset (replacing the yaml's placeholder entries), compared with
 tools/compare.py; the teacher check; the class-count error; pipeline_overrides (demo, gain)."""
@@ -113,7 +113,7 @@ def test_teacher_check_against_a_baseline_run_folder(own, caplog, tmp_path):
 
 
 def _csgr_cfg(own):
-    from csgr_distill.config import load_config
+    from csgr_distill.cli import load_config
 
     cfg = load_config(own["csgr"][0], ["MODEL.RETINANET.NUM_CLASSES", "2"], own["flags"][1::2])
     cfg.freeze()
@@ -129,7 +129,7 @@ def test_class_count_differing_from_the_data_is_one_error_naming_both(own):
 
 
 def test_teacher_check_needs_a_teacher(own):
-    from csgr_distill.config import load_config
+    from csgr_distill.cli import load_config
 
     cfg = load_config(own["baseline"][0], ["MODEL.RETINANET.NUM_CLASSES", "2"],
                       own["flags"][1::2])
@@ -149,7 +149,7 @@ def test_pipeline_overrides_move_every_stage_onto_the_data(tmp_path):
     assert pairs["MODEL.RETINANET.NUM_CLASSES"] == "2" == pairs["MODEL.ROI_HEADS.NUM_CLASSES"]
     assert eval(pairs["MODEL.DISTILL.TEACHER.OPTS"]) == ["DATASETS.TRAIN", (name,)]
     # a config merges them as yacs reads the command line
-    from csgr_distill.config import load_config
+    from csgr_distill.cli import load_config
 
     cfg = load_config(os.path.join(REPO, "configs/demo/CSGR-RetinaNet-R18.yaml"), opts)
     assert cfg.DATASETS.TRAIN == (name,) and cfg.MODEL.RETINANET.NUM_CLASSES == 2

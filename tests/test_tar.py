@@ -1,4 +1,4 @@
-"""TAR (shared/methods/TAR.md) against hand-computed cases: Gaussian masks on known boxes,
+"""TAR (docs/methods/TAR.md) against hand-computed cases: Gaussian masks on known boxes,
 the masked feature term, classification KD with temperature, the adaptive regression rule on
 hand-made RoIs, proposal sharing on a tiny Faster R-CNN pair (both heads see identical RoIs, in
 each PROPOSALS mode), gradients, the linear decay, the configs, errors."""
@@ -14,13 +14,13 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from csgr_distill.config import add_distill_config, load_config
-from csgr_distill.distillers import DISTILLER_REGISTRY
+from csgr_distill.cli import load_config
+from csgr_distill.config import add_distill_config
 from csgr_distill.distillers.tar import (TARDistiller, adaptive_regression_targets,
                                          gaussian_masks, tar_cls_kd)
 from csgr_distill.engine.decay import method_schedules
 from csgr_distill.outputs import DetectorOutputs
-from tiny import REPO, fake_batch, logged_keys, rcnn_base_cfg, train_opts, write_model
+from tiny import REPO, fake_batch, logged_keys, rcnn_base_cfg, train_opts, write_model, build_distiller
 
 T = Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0))
 
@@ -352,7 +352,7 @@ def test_config_errors_name_the_key(key, value, match):
     cfg.MODEL.DISTILL.TAR[key] = value
     shapes = {f"p{i}": ShapeSpec(channels=8, stride=2 ** i) for i in range(3, 8)}
     with pytest.raises(ValueError, match=match):
-        DISTILLER_REGISTRY.get("TAR")(cfg, shapes, shapes)
+        build_distiller("TAR", cfg, shapes, shapes)
 
 
 def test_all_weights_zero_is_refused():
@@ -361,7 +361,7 @@ def test_all_weights_zero_is_refused():
         cfg.MODEL.DISTILL.TAR[k] = 0.0
     shapes = {f"p{i}": ShapeSpec(channels=8, stride=2 ** i) for i in range(3, 8)}
     with pytest.raises(ValueError, match="all 0"):
-        DISTILLER_REGISTRY.get("TAR")(cfg, shapes, shapes)
+        build_distiller("TAR", cfg, shapes, shapes)
 
 
 def test_feature_only_tar_asks_for_features_only():

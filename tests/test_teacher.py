@@ -8,7 +8,8 @@ from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
 
-from csgr_distill.teacher import build_teacher_cfg, load_weights_strictly
+from csgr_distill.checkpoint import load_weights_strictly
+from csgr_distill.teacher import build_teacher_cfg
 from tiny import fake_batch, make_teacher, student_cfg
 
 

@@ -165,3 +165,15 @@ def logged_keys(out) -> set:
 
     with open(os.path.join(str(out), "metrics.json")) as f:
         return set().union(*[json.loads(line) for line in f if line.strip()])
+
+
+def build_distiller(name, cfg, student_shapes, teacher_shapes=None):
+    """The registered distiller ``name`` built from ``cfg`` for a student and a teacher with the
+    given level shapes (no backbone: :meth:`DetectorSpec.from_shapes`, both of ``cfg``'s
+    meta-architecture)."""
+    from csgr_distill.distillers import DISTILLER_REGISTRY
+    from csgr_distill.records import DetectorSpec
+
+    teacher_shapes = student_shapes if teacher_shapes is None else teacher_shapes
+    return DISTILLER_REGISTRY.get(name)(cfg, DetectorSpec.from_shapes(cfg, student_shapes),
+                                        DetectorSpec.from_shapes(cfg, teacher_shapes))

@@ -44,8 +44,9 @@ def parse_args(argv=None):
     g.add_argument("--teacher-iters", type=int, default=None, help="default: its config (2000)")
     g.add_argument("--teacher-weights", default=None, help="reuse a trained demo teacher")
     g.add_argument("--methods", nargs="*", default=None,
-                   help="labels to run besides the baseline (default: all registered + options; "
-                        "'--methods' alone: none, e.g. with --variant)")
+                   help="gain and overhead: labels to run besides the baseline / the student and "
+                        "floor (default: every registered method and the variants it declares "
+                        "that the pair supports; '--methods' alone: none, e.g. with --variant)")
     g.add_argument("--variant", action="append", default=[], metavar="'LABEL=KEY VALUE ...'",
                    help="an extra student run with these config overrides (repeatable), e.g. "
                         "--variant 'CSGR weights x4=MODEL.DISTILL.CSGR.ALPHA 2e-3 "
@@ -105,7 +106,7 @@ def main(argv=None):
         elif part == "overhead":
             overhead.run(args.results, device=args.device, height=args.height or 512,
                          width=args.width or 640, batch=args.batch, repeats=args.repeats or 8,
-                         detectors=args.detectors, command=command)
+                         detectors=args.detectors, command=command, methods=args.methods)
         else:
             gain.run(args.results, args.work_dir, seeds=args.seeds, first_seed=args.first_seed,
                      iters=args.iters,

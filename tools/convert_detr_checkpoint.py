@@ -32,8 +32,7 @@ import torch
 from detectron2.modeling import build_model
 
 import csgr_distill  # noqa: F401  (registers Detr)
-from csgr_distill.cli import CliError, add_debug_argument, run_cli
-from csgr_distill.config import load_config
+from csgr_distill.cli import CliError, add_debug_argument, load_config, run_cli
 from csgr_distill.detr_port.convert import (coco_ids_to_contiguous, fill_shared_heads,
                                             hf_deformable_detr_to_port,
                                             official_deformable_detr_to_port,

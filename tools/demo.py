@@ -361,8 +361,8 @@ def main(argv=None):
         for name in ("teacher R18-wide", "student R18 (baseline)"):
             results[name] = evaluate(name, common, models, out_dir)
         if not args.no_teacher_check:
-            from csgr_distill.config import load_config
-            from csgr_distill.teacher import teacher_check
+            from csgr_distill.cli import load_config
+            from csgr_distill.evaluation.teacher_check import teacher_check
 
             cfg = load_config(os.path.join(DEMO_CFG, models[distilled][0]), common,
                               check_steps=False)

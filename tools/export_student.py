@@ -28,8 +28,7 @@ import sys
 
 import csgr_distill  # noqa: F401  (registers the Distill* meta-architectures)
 from csgr_distill.checkpoint import read_checkpoint
-from csgr_distill.cli import add_debug_argument, parse_args_anywhere, run_cli
-from csgr_distill.config import load_config
+from csgr_distill.cli import add_debug_argument, load_config, parse_args_anywhere, run_cli
 from csgr_distill.data import add_dataset_arguments
 from csgr_distill.export import export_student, export_torchscript
 

@@ -45,14 +45,14 @@ from detectron2.utils.logger import setup_logger
 
 import csgr_distill  # noqa: F401  (registers meta-architectures, distillers, datasets)
 from csgr_distill.checkpoint import atomic_open
-from csgr_distill.cli import ReportUserErrors, add_debug_argument, parse_args_anywhere, run_cli
-from csgr_distill.config import load_config
+from csgr_distill.cli import (ReportUserErrors, add_debug_argument, load_config,
+                              parse_args_anywhere, run_cli)
 from csgr_distill.data import add_dataset_arguments, register_from_cfg
 from csgr_distill.data.errors import check_datasets
 from csgr_distill.engine import DistillTrainer
 from csgr_distill.engine.checks import check_device, check_output_dir, check_processes
 from csgr_distill.export import StudentCheckpointer
-from csgr_distill.teacher import read_metric, teacher_check
+from csgr_distill.evaluation.teacher_check import read_metric, teacher_check
 
 
 def setup(args):

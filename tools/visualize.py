@@ -57,8 +57,8 @@ from detectron2.utils.visualizer import Visualizer
 
 import csgr_distill  # noqa: F401  (registrations)
 from csgr_distill.checkpoint import CheckedCheckpointer
-from csgr_distill.cli import CliError, add_debug_argument, parse_args_anywhere, run_cli
-from csgr_distill.config import load_config
+from csgr_distill.cli import (CliError, add_debug_argument, load_config, parse_args_anywhere,
+                              run_cli)
 from csgr_distill.data import add_dataset_arguments
 from csgr_distill.data.errors import check_datasets
 from csgr_distill.distillers.tar import gaussian_masks

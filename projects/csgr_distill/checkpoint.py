@@ -11,6 +11,10 @@ re-save the weights alone. A checkpoint whose tensors hold NaN or infinite value
 that diverged) is refused too, naming them. :func:`read_checkpoint` is the same read for a tool
 that wants the dict itself (``tools/export_student.py``).
 
+Strict loading. :func:`load_weights_strictly` loads a whole model (the teacher) and refuses any
+missing, unexpected or mis-shaped key, naming them, and says when the file is a student's
+checkpoint or another detector's.
+
 Writing. :func:`atomic_open` writes to a hidden temporary file beside the target and renames it
 over the target only when the write has completed: a full disk or a killed run never leaves a
 truncated ``model_0000999.pth`` (or ``last_checkpoint``, ``model_final_student.pth``) behind.
@@ -23,18 +27,22 @@ import pickle
 import re
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
 
 __all__ = [
     "CheckedCheckpointer",
     "CheckpointFileError",
+    "LoadReport",
     "atomic_open",
     "describe_unreadable",
+    "load_weights_strictly",
     "nonfinite_tensors",
     "read_checkpoint",
 ]
@@ -251,6 +259,157 @@ class CheckedCheckpointer(DetectionCheckpointer):
                 f"{self.what} {filename!r} cannot be read: "
                 f"{describe_unreadable(filename, e)}") from e
         return check_loaded(loaded, filename, self.what)
+
+
+# ------------------------------------------------------------------------------------------------
+# strict loading
+# ------------------------------------------------------------------------------------------------
+class _PopRecorder(dict):
+    """A checkpoint dict that keeps the ``"model"`` state dict fvcore pops from it (after
+    detectron2's heuristics renamed its keys, and fvcore removed mis-shaped ones)."""
+
+    popped = None
+
+    def pop(self, key, *default):
+        value = super().pop(key, *default)
+        if key == "model":
+            self.popped = value
+        return value
+
+
+class _RecordingCheckpointer(CheckedCheckpointer):
+    """DetectionCheckpointer (all its formats and key heuristics; a file that is not a checkpoint
+    refused in one message) that keeps the incompatibilities and what was loaded: the checkpoint's
+    own key names, the state dict as loaded, its author."""
+
+    incompatible = None
+    original_keys: frozenset = frozenset()
+    loaded_state = None
+    author = None
+
+    def _load_model(self, checkpoint):
+        self.original_keys = frozenset(checkpoint.get("model", {}))
+        self.author = checkpoint.get("__author__", None)
+        recorder = _PopRecorder(checkpoint)
+        self.incompatible = super()._load_model(recorder)
+        self.loaded_state = recorder.popped
+        checkpoint.pop("model", None)
+        return self.incompatible
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_weights_strictly` loaded.
+
+    Attributes:
+        path: the weights as given (a path or URL).
+        tensors: state-dict entries loaded (all of the model's).
+        values: their number of elements.
+        renamed: model keys whose checkpoint name differed (detectron2's name-matching heuristics
+            of model-zoo ``.pkl`` files, or a ``module.`` prefix).
+        author: the checkpoint's ``__author__`` (e.g. ``"Detectron2 Model Zoo"``), else None.
+    """
+
+    path: str
+    tensors: int
+    values: int
+    renamed: int
+    author: Optional[str] = None
+
+
+def load_weights_strictly(model: nn.Module, weights: str, what: str = "teacher") -> LoadReport:
+    """Load a checkpoint through detectron2's ``DetectionCheckpointer`` and raise, listing the
+    keys, on any missing/unexpected/mis-shaped key.
+
+    ``weights``: a ``.pth`` (this project's, detectron2's), a model-zoo ``.pkl`` (numpy arrays,
+    ``__author__``, keys matched by detectron2's heuristics), or a URL (``detectron2://...``,
+    ``https://...``, fetched and cached by detectron2's PathManager; ``?matching_heuristics=True``
+    accepted as detectron2 does).
+
+    Returns:
+        :class:`LoadReport`.
+    """
+    if not weights:
+        raise ValueError(
+            f"The {what} has no weights: set MODEL.DISTILL.TEACHER.WEIGHTS (or MODEL.WEIGHTS in the "
+            "teacher yaml) to a trained checkpoint; a random teacher teaches nothing."
+        )
+    key = " (MODEL.DISTILL.TEACHER.WEIGHTS)" if what == "teacher" else ""
+    checkpointer = _RecordingCheckpointer(model, what=f"The {what} checkpoint{key}")
+    plain = urlparse(weights)._replace(query="").geturl()  # as DetectionCheckpointer.load
+    if "://" in plain:
+        try:
+            checkpointer.path_manager.get_local_path(plain)
+        except Exception as e:  # no internet, unknown host, 404, unsupported scheme
+            raise FileNotFoundError(
+                f"The {what} checkpoint {weights!r} could not be fetched ({type(e).__name__}: "
+                f"{e}). On a machine without internet, download it elsewhere (detectron2:// is "
+                "https://dl.fbaipublicfiles.com/detectron2/...) and set "
+                "MODEL.DISTILL.TEACHER.WEIGHTS to the local file."
+            ) from e
+    elif not checkpointer.path_manager.exists(plain):
+        raise FileNotFoundError(
+            f"The {what} checkpoint {weights!r} does not exist: train the teacher first "
+            "(tools/train_net.py --config-file <teacher yaml>) and point "
+            "MODEL.DISTILL.TEACHER.WEIGHTS at its model_final.pth"
+        )
+    checkpointer.load(weights, checkpointables=[])
+    incompatible = checkpointer.incompatible
+    problems: List[str] = []
+    if incompatible.missing_keys:
+        problems.append(f"missing keys: {shown(sorted(incompatible.missing_keys))}")
+    if incompatible.unexpected_keys:
+        problems.append(f"unexpected keys: {shown(sorted(incompatible.unexpected_keys))}")
+    if incompatible.incorrect_shapes:
+        shapes = [f"{k} (checkpoint {tuple(a)} vs model {tuple(b)})"
+                  for k, a, b in incompatible.incorrect_shapes]
+        problems.append(f"mis-shaped keys: {shown(shapes, quote=False)}")
+    if problems:
+        student = _student_checkpoint(checkpointer)
+        if student:
+            raise RuntimeError(
+                f"The {what} checkpoint {weights!r} is {student}, not a {what}'s: point "
+                "MODEL.DISTILL.TEACHER.WEIGHTS at the teacher's own checkpoint (the "
+                "model_final.pth of the run of MODEL.DISTILL.TEACHER.CONFIG)")
+        model_keys = set(model.state_dict())
+        if checkpointer.original_keys and not (checkpointer.original_keys & model_keys) and not (
+                set(checkpointer.loaded_state or {}) & model_keys):
+            raise RuntimeError(
+                f"The {what} checkpoint {weights!r} is not a checkpoint of this detector: none of "
+                f"its {len(checkpointer.original_keys)} tensors "
+                f"({shown(sorted(checkpointer.original_keys), 3)}) is one of the "
+                f"{model.__class__.__name__} that MODEL.DISTILL.TEACHER.CONFIG builds")
+        hint = ""
+        if incompatible.incorrect_shapes:
+            hint = (" A checkpoint trained on other classes (e.g. a COCO model-zoo detector, 80 "
+                    "classes) cannot teach these classes as it is: fine-tune it on your data "
+                    "first (docs/own_data.md, 'Model-zoo teachers').")
+        raise RuntimeError(
+            f"The {what} checkpoint {weights!r} does not match the {what} config: "
+            + "; ".join(problems)
+            + ". Check MODEL.DISTILL.TEACHER.CONFIG / OPTS against the config it was trained with."
+            + hint
+        )
+    model_state = model.state_dict()
+    loaded = [k for k in (checkpointer.loaded_state or {}) if k in model_state]
+    return LoadReport(
+        path=weights, tensors=len(loaded),
+        values=sum(int(model_state[k].numel()) for k in loaded),
+        renamed=sum(1 for k in loaded if k not in checkpointer.original_keys),
+        author=checkpointer.author,
+    )
+
+
+def _student_checkpoint(checkpointer: _RecordingCheckpointer) -> str:
+    """``"a distillation run's checkpoint (...)"`` when the checkpoint just read is a student's:
+    it holds distiller tensors, or :mod:`csgr_distill.export` wrote it; else ``""``."""
+    distillers = [k for k in checkpointer.original_keys if k.startswith("distillers.")]
+    if distillers:
+        return (f"a distillation run's checkpoint (a student: it holds {len(distillers)} "
+                "distillers.* tensors)")
+    if checkpointer.author == "csgr_distill.export":
+        return "an exported student (tools/export_student.py, model_final_student.pth)"
+    return ""
 
 
 # ------------------------------------------------------------------------------------------------

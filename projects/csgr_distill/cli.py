@@ -1,5 +1,9 @@
-"""What every tool in ``tools/`` shares on the console: known user errors as one message, and the
-progress lines of the training subprocesses it runs.
+"""What every tool in ``tools/`` shares: the config pipeline, known user errors as one message,
+and the progress lines of the training subprocesses it runs.
+
+Config. :func:`load_config` builds a tool's config in the order every tool uses: the project's
+keys (:mod:`csgr_distill.config`), the yaml, the ``KEY VALUE`` overrides, ``--register-dataset``
+entries, dataset registration (:mod:`csgr_distill.data.custom`), derived keys.
 
 Errors. ``sys.exit(run_cli(main))`` runs ``main(argv)``; an exception that is a *known user
 error* (:func:`user_error_message`) prints ``error: <message>`` to stderr and exits with
@@ -46,6 +50,10 @@ import subprocess
 import sys
 from typing import Callable, List, Optional, Sequence
 
+from detectron2.config import get_cfg
+
+from .config import add_distill_config, apply_derived_keys, merge_command_line
+from .data.custom import register_from_cfg, replace_entries
 from .data.errors import DatasetNotFoundError, DatasetNotRegisteredError
 
 __all__ = [
@@ -58,6 +66,7 @@ __all__ = [
     "USER_ERROR_MODULES",
     "add_debug_argument",
     "check_file",
+    "load_config",
     "debug_enabled",
     "parse_args_anywhere",
     "progress_line",
@@ -345,3 +354,27 @@ def run_logged(cmd: Sequence[str], log_path: str, cwd: Optional[str] = None,
             proc.stdout.close()
             proc.wait()
     return proc.returncode
+
+
+def load_config(config_file: str, opts: Sequence[str] = (), register: Sequence[str] = (),
+                check_steps: bool = True, register_datasets: bool = True):
+    """The (unfrozen) config of a tool: ``get_cfg()`` with the project's keys, ``config_file``,
+    the ``KEY VALUE`` overrides ``opts`` (:func:`~csgr_distill.config.merge_command_line`), the ``--register-dataset``
+    values ``register`` (``NAME=FORMAT:PATH[:PATH...]``; they replace entries of the same name),
+    the ``DATASETS.REGISTER`` datasets registered (``register_datasets=False``: not yet; the
+    caller registers them with :func:`csgr_distill.data.register_from_cfg` once its loggers are
+    set up, so their summary lines and warnings reach the console and ``log.txt``), then
+    :func:`~csgr_distill.config.apply_derived_keys`.
+
+    Raises:
+        FileNotFoundError: ``config_file`` does not exist (naming ``--config-file``).
+        ValueError (and the dataset errors of :mod:`csgr_distill.data.custom`): bad overrides,
+            entries, steps or input size, each naming the key and the fix.
+    """
+    cfg = add_distill_config(get_cfg())
+    cfg.merge_from_file(check_file(config_file))
+    merge_command_line(cfg, opts)
+    replace_entries(cfg, register)
+    if register_datasets:
+        register_from_cfg(cfg)
+    return apply_derived_keys(cfg, check_steps=check_steps)

@@ -5,14 +5,16 @@ fractions of ``SOLVER.MAX_ITER``) and the functions that apply them:
 * :func:`merge_command_line` -- ``cfg.merge_from_list(opts)`` with a clear error for the common
   ``MODEL.DISTILL.TEACHER.OPTS KEY VALUE`` mistake;
 * :func:`apply_derived_keys` -- ``INPUT.FIXED_SIZE`` and fractional ``SOLVER.STEPS`` into the keys
-  detectron2 reads (call it after every merge, before ``cfg.freeze()``);
-* :func:`load_config` -- all of it in the order every tool uses: yaml, ``KEY VALUE`` overrides,
-  ``--register-dataset`` entries, registration, derived keys.
+  detectron2 reads (call it after every merge, before ``cfg.freeze()``).
+
+The schema imports nothing of the package; the tools' config pipeline (yaml, ``KEY VALUE``
+overrides, ``--register-dataset`` entries, registration, derived keys) is
+:func:`csgr_distill.cli.load_config`.
 """
 import ast
 import logging
 import re
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from detectron2.config import CfgNode as CN
 
@@ -20,6 +22,37 @@ logger = logging.getLogger(__name__)
 
 #: the command-line key whose value is itself a KEY VALUE list
 TEACHER_OPTS_KEY = "MODEL.DISTILL.TEACHER.OPTS"
+
+
+#: ``MODEL.DISTILL.<NODE>`` -> the function that fills it, one per registered method (filled by
+#: :func:`csgr_distill.distillers.registry.register_distiller`)
+_METHOD_CONFIGS: Dict[str, Callable] = {}
+
+
+def register_method_config(node: str, add: Callable) -> None:
+    """Declare the section ``MODEL.DISTILL.<node>`` of a method: ``add(section)`` fills a fresh
+    ``CfgNode`` with its keys; a ``DECAY`` node following ``MODEL.DISTILL.DECAY`` is added unless
+    it sets one. Configs made afterwards have it (:func:`add_distill_config`)."""
+    _METHOD_CONFIGS[node] = add
+
+
+def method_config_nodes() -> List[str]:
+    """The ``MODEL.DISTILL`` sections of the registered methods, in registration order."""
+    return list(_METHOD_CONFIGS)
+
+
+def add_method_configs(cfg):
+    """Add every registered method's section that ``cfg.MODEL.DISTILL`` lacks (in place)."""
+    for node, add in _METHOD_CONFIGS.items():
+        if node in cfg.MODEL.DISTILL or cfg.is_frozen():
+            continue
+        section = CN()
+        add(section)
+        if "DECAY" not in section:
+            # the method's own schedule; "default" follows MODEL.DISTILL.DECAY
+            section.DECAY = decay_node("default")
+        cfg.MODEL.DISTILL[node] = section
+    return cfg
 
 
 def add_distill_config(cfg):
@@ -30,7 +63,7 @@ def add_distill_config(cfg):
     add_data_config(cfg)
     add_architecture_config(cfg)
     if "DISTILL" in cfg.MODEL:
-        return cfg
+        return add_method_configs(cfg)
     _C = cfg
     _C.MODEL.DISTILL = CN()
     # Master switch. False: the Distill* meta-architectures behave exactly like their base class
@@ -57,211 +90,13 @@ def add_distill_config(cfg):
     _C.MODEL.DISTILL.INHERIT_TEACHER = False
 
     # Distillation-decay schedule: factor f(iter) multiplying the distillation losses of every
-    # method that does not carry its own schedule (MODEL.DISTILL.<METHOD>.DECAY, below).
+    # method that does not carry its own schedule (MODEL.DISTILL.<METHOD>.DECAY).
     _C.MODEL.DISTILL.DECAY = decay_node("none")
 
-    # CSGR: category semantic + global relation distillation (shared/methods/CSGR.md).
-    _C.MODEL.DISTILL.CSGR = CN()
-    # Weight of the category-semantic loss L_cs (sum over N,K,C of squared differences / N).
-    _C.MODEL.DISTILL.CSGR.ALPHA = 5e-4
-    # Weight of the global-relation loss L_gr (sum over N,C,H,W of squared differences / N).
-    _C.MODEL.DISTILL.CSGR.BETA = 1e-5
-    # Student/teacher feature levels distilled, one independent loss module per level.
-    _C.MODEL.DISTILL.CSGR.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
-    # Category attention source: "learned" (the paper: a shared 1x1 classifier C->K) or
-    # "teacher_head" (the teacher's own class logits, max over anchors, softmax over positions).
-    _C.MODEL.DISTILL.CSGR.ATTENTION = "learned"
-    # Criss-cross passes: 1 (the paper) or 2 (CCNet's choice: every pixel sees the whole map).
-    _C.MODEL.DISTILL.CSGR.RECURRENCE = 1
-    # CSGR's own schedule; "default" follows MODEL.DISTILL.DECAY (the paper does not decay).
-    _C.MODEL.DISTILL.CSGR.DECAY = decay_node("default")
+    # Each registered method's own section, MODEL.DISTILL.<METHOD> (declared in its file:
+    # csgr_distill/distillers/<method>.py, add_config; docs/configuration.md lists them).
 
-    # MIMIC: FitNet-style feature mimicking (FitNets, ICLR 2015; Li et al., CVPR 2017), per level
-    # L = WEIGHT * mean over (N, C, H, W) of (r(S) - T)^2, r: 1x1 adapter where channels differ.
-    _C.MODEL.DISTILL.MIMIC = CN()
-    # Not a published value: no paper fixes one for whole-map FPN mimicking on these detectors
-    # (FitNets trains a classifier stage-wise with 1/2 ||.||^2; Li et al. mimic RPN-region
-    # features with their own weight). The loss here is a mean, independent of image size, batch
-    # and channel count, so 1.0 makes each level's term the mean squared feature difference, of
-    # the order of the detection losses for FPN maps of unit-order values; sweep it with
-    # `tools/benchmark.py gain --variant`.
-    _C.MODEL.DISTILL.MIMIC.WEIGHT = 1.0
-    # Levels distilled (present in both networks with equal strides); R-CNN configs: p2-p5.
-    _C.MODEL.DISTILL.MIMIC.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
-    # MIMIC's own schedule; "default" follows MODEL.DISTILL.DECAY.
-    _C.MODEL.DISTILL.MIMIC.DECAY = decay_node("default")
-
-    # PKD: Pearson-correlation distillation (Cao et al., NeurIPS 2022), per level
-    # L = WEIGHT * mean over (N, C, H, W) of (S_hat - T_hat)^2 / 2, each channel standardised
-    # over (N, H, W) (as CSGR: zero mean, unit unbiased std, + 1e-6) = WEIGHT * (1 - Pearson r).
-    _C.MODEL.DISTILL.PKD = CN()
-    # Published: 6 for two-stage students and for RetinaNet-R50 2x students (the official
-    # RetinaNet X101 -> R50 config uses 10).
-    _C.MODEL.DISTILL.PKD.WEIGHT = 6.0
-    # Levels distilled (present in both networks with equal strides); R-CNN configs: p2-p5.
-    _C.MODEL.DISTILL.PKD.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
-    # PKD's own schedule; "default" follows MODEL.DISTILL.DECAY (the paper does not decay).
-    _C.MODEL.DISTILL.PKD.DECAY = decay_node("default")
-
-    # KD: temperature KD (Hinton et al. 2015) on every anchor of the dense logits, teacher and
-    # student of the same family: dense students distil their class logits, Faster R-CNN students
-    # their RPN objectness logits (their only logits defined on every anchor; the RoI class
-    # logits of two networks belong to differently sampled proposals). Per anchor the KL of the
-    # softened teacher and student distributions; L = WEIGHT * T^2 * mean over all anchors.
-    _C.MODEL.DISTILL.KD = CN()
-    # Not a published value (no paper fixes one for dense-logit KD on these detectors). 1.0, the
-    # plain KL: being a mean over all anchors (most of them background, with near-zero KL), the
-    # loss is small next to a focal loss normalised by the positives, so it guides rather than
-    # overrides the detection loss; sweep it with `tools/benchmark.py gain --variant`.
-    _C.MODEL.DISTILL.KD.WEIGHT = 1.0
-    # Temperature T (Hinton's; T^2 keeps the gradient size). 1.0: the teacher's own
-    # probabilities. Not a published detection value: focal-loss heads put most anchors near 0,
-    # and T > 1 would pull all of them towards 0.5.
-    _C.MODEL.DISTILL.KD.TEMPERATURE = 1.0
-    # "sigmoid": sum over the K classes of Bernoulli KLs per anchor (heads trained with sigmoid /
-    # focal losses: RetinaNet, FCOS, the RPN); "softmax": one categorical KL over the K classes
-    # per anchor (heads trained with a softmax; needs K >= 2, so not the RPN).
-    _C.MODEL.DISTILL.KD.ACTIVATION = "sigmoid"
-    # KD's own schedule; "default" follows MODEL.DISTILL.DECAY.
-    _C.MODEL.DISTILL.KD.DECAY = decay_node("default")
-
-    # FGD: focal and global distillation (Yang et al., CVPR 2022; shared/methods/FGD.md), per
-    # level alpha*L_fg + beta*L_bg + gamma*L_at + lambda*L_gl (csgr_distill/distillers/fgd.py).
-    # The weights are the official RetinaNet (and GFL) ones; configs/Base-Distill-RCNN-FPN.yaml
-    # sets the official Faster / Mask R-CNN ones (5e-5, 2.5e-5, 5e-5, 5e-7).
-    _C.MODEL.DISTILL.FGD = CN()
-    # Attention temperature T_att (official: 0.5 for RetinaNet, GFL, Faster/Mask R-CNN and
-    # RepPoints; 0.8 for FCOS).
-    _C.MODEL.DISTILL.FGD.TEMPERATURE = 0.5
-    _C.MODEL.DISTILL.FGD.ALPHA = 1e-3  # foreground focal term (official RetinaNet)
-    _C.MODEL.DISTILL.FGD.BETA = 5e-4  # background focal term (official RetinaNet)
-    _C.MODEL.DISTILL.FGD.GAMMA = 5e-4  # attention term (official RetinaNet)
-    _C.MODEL.DISTILL.FGD.LAMBDA = 5e-6  # global (GC block) term (official RetinaNet)
-    # Levels distilled (present in both networks with equal strides); R-CNN configs: p2-p5.
-    _C.MODEL.DISTILL.FGD.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
-    # How ground-truth boxes reach a level's grid: "padded" divides by the padded batch size
-    # (each box covers the cells under it); "unpadded" by the image's own size, as the official
-    # code does (boxes of an image smaller than the padded batch are stretched towards the
-    # padding).
-    _C.MODEL.DISTILL.FGD.BOX_SCALING = "padded"
-    # FGD's own schedule; "default" follows MODEL.DISTILL.DECAY (the paper does not decay).
-    _C.MODEL.DISTILL.FGD.DECAY = decay_node("default")
-
-    # TAR: task adaptive regularization (Sun et al., arXiv 2006.13108; shared/methods/TAR.md;
-    # csgr_distill/distillers/tar.py). The paper gives none of its loss weights or
-    # hyperparameters and has no public code: every value below not marked "spec" is our choice
-    # (README "TAR: chosen values" says how each was chosen). A weight of 0 turns its term off;
-    # configs/Base-Distill-RetinaNet.yaml turns the RoI terms off (a dense detector has no RoIs).
-    _C.MODEL.DISTILL.TAR = CN()
-    # Gaussian-mask feature imitation, per level sum M (r(S) - T)^2 / sum M (spec). The sum runs
-    # over the channels too, so a level's term is about C times a per-channel squared difference:
-    # 4e-3 ~ 1/256 makes it the mean squared difference inside the mask, MIMIC's scale (chosen).
-    _C.MODEL.DISTILL.TAR.FEAT_WEIGHT = 4e-3
-    # sigma = SIGMA_SCALE x box size, in grid units (spec default: half the box size).
-    _C.MODEL.DISTILL.TAR.SIGMA_SCALE = 0.5
-    # Levels of the feature term (present in both networks with equal strides); R-CNN configs:
-    # p2-p5.
-    _C.MODEL.DISTILL.TAR.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
-    # Classification-head KD on the shared RoIs, tau^2 KL(p_t || p_s) over K + 1 classes (spec).
-    # Weight 1: the scale of the box head's own cross-entropy (chosen); tau 1 (spec's start).
-    _C.MODEL.DISTILL.TAR.CLS_WEIGHT = 1.0
-    _C.MODEL.DISTILL.TAR.TEMPERATURE = 1.0
-    # Adaptive regression distillation on the positive shared RoIs (spec), divided by the
-    # positive count (spec), whereas the box head's own loss is divided by all sampled RoIs: with
-    # P positives of R RoIs, equal weights give the term R/P times that loss's gradient per
-    # positive (14-25x in the demo: 5-9 of 128). 0.1 (chosen, paper value unknown): weight 1 made
-    # a demo Faster R-CNN student diverge at iteration ~80 (README, "TAR: chosen values"); 0.1
-    # trained all three seeds and gained more. Smooth-L1 beta 1.0, Fast R-CNN's smooth L1 (the
-    # paper names smooth L1 without a beta; 0 gives L1).
-    _C.MODEL.DISTILL.TAR.REG_WEIGHT = 0.1
-    _C.MODEL.DISTILL.TAR.REG_BETA = 1.0
-    # The teacher's box is a target where its IoU with the matched GT beats the student's box
-    # ("student", spec default) or the RoI's own ("proposal").
-    _C.MODEL.DISTILL.TAR.REG_COMPARE = "student"
-    # Region proposal sharing: both box heads answer for the student's sampled RoIs ("student",
-    # spec default), the teacher's own RoIs sampled by its ROI heads ("teacher"), or both
-    # ("union"). The last two run the student's box head a second time on the extra RoIs.
-    _C.MODEL.DISTILL.TAR.PROPOSALS = "student"
-    # TAR's distillation decay (spec): linear from 1 at iteration 0 to 0 at SOLVER.MAX_ITER.
-    _C.MODEL.DISTILL.TAR.DECAY = decay_node("linear")
-
-    # LD: localization distillation (Zheng et al., CVPR 2022, arXiv 2102.12252; released code
-    # HikariTJU/LD; docs/methods/LD.md; csgr_distill/distillers/ld.py) between
-    # DistributionRetinaNet teacher and student. Defaults: the GFL recipe (the paper's and the
-    # released LDHead's; configs/LD-RetinaNet-R50-GFL-recipe.yaml); configs/LD-RetinaNet-R50.yaml
-    # sets the released RetinaNet recipe (LDRetinaHead, configs/ld/ld_retina_r50_1x.py there).
-    _C.MODEL.DISTILL.LD = CN()
-    # Main-region LD on the student's positives (released configs, GFL recipe: weight 0.25, T 10;
-    # RetinaNet recipe: 5, T 10). Divided by 4 (released code's avg_factor in both heads).
-    _C.MODEL.DISTILL.LD.LD_WEIGHT = 0.25
-    _C.MODEL.DISTILL.LD.LD_TEMPERATURE = 10.0
-    # The softmax of both LD terms: "side", one per box side over its REG_MAX + 1 bins, the KLs of
-    # the 4 sides summed (paper, released GFL head); "anchor", one over an anchor's 4 (REG_MAX + 1)
-    # logits (released RetinaNet head).
-    _C.MODEL.DISTILL.LD.SOFTMAX_OVER = "side"
-    # Valuable-localization-region LD, same temperature (GFL recipe 0.25 with the positives;
-    # RetinaNet recipe 0.03 x 5 = 0.15 without them). Its normaliser is the released code's:
-    # 16 in the GFL head, 4 in the RetinaNet head.
-    _C.MODEL.DISTILL.LD.VLR_WEIGHT = 0.25
-    _C.MODEL.DISTILL.LD.VLR_EXCLUDE_POSITIVES = False
-    _C.MODEL.DISTILL.LD.VLR_NORMALIZER = 16.0
-    # ATSS candidates per level and GT (9), and the DIoU band's lower factor [0.25 t_g, t_g)
-    # (released assigners).
-    _C.MODEL.DISTILL.LD.VLR_TOPK = 9
-    _C.MODEL.DISTILL.LD.VLR_LOW = 0.25
-    # The band's DIoU: "paper", the true DIoU (the paper's definition); "released", what the
-    # released helper computes (intersection over the anchor's area, not the union, minus the
-    # distance term: its bbox_overlaps 'diou' mode keeps area1 as the union). Ours: the paper's,
-    # the released one being a bug of that call; the two regions share only 37 % of the true
-    # one on RetinaNet anchors (docs/methods/LD.md).
-    _C.MODEL.DISTILL.LD.VLR_DIOU = "paper"
-    # Main KD on the positives' class logits (GFL recipe: weight 10, T 2; RetinaNet recipe: 10,
-    # T 8). KD_NORMALIZER "level": each FPN level's sum divided by that level's positives, the
-    # levels summed (released code, both heads); "all": the sum over all levels divided by all
-    # positives (this project's formula before 2026-12-05; about 1/L of "level" when the
-    # positives spread over L levels).
-    _C.MODEL.DISTILL.LD.KD_WEIGHT = 10.0
-    _C.MODEL.DISTILL.LD.KD_TEMPERATURE = 2.0
-    _C.MODEL.DISTILL.LD.KD_NORMALIZER = "level"
-    # LD's own schedule; "default" follows MODEL.DISTILL.DECAY (the paper does not decay).
-    _C.MODEL.DISTILL.LD.DECAY = decay_node("default")
-
-    # DETRDistill (Chang et al., ICCV 2023; docs/methods/DETRDistill.md;
-    # csgr_distill/distillers/detrdistill.py) between DETR-family teacher and student. Each
-    # component's weight 0 turns it off (the paper's ablation). Sources: "paper", "released
-    # code" (BIVLab-USTC/DETRDistill, its Deformable DETR config), "ours".
-    _C.MODEL.DISTILL.DETRDISTILL = CN()
-    # Hungarian logits distillation per decoder layer: matching costs = pair-loss weights
-    # (paper and released code: class 1, L1 5, GIoU 2); the component's overall weight (paper 1).
-    _C.MODEL.DISTILL.DETRDISTILL.LOGITS_WEIGHT = 1.0
-    _C.MODEL.DISTILL.DETRDISTILL.COST_CLASS = 1.0
-    _C.MODEL.DISTILL.DETRDISTILL.COST_L1 = 5.0
-    _C.MODEL.DISTILL.DETRDISTILL.COST_GIOU = 2.0
-    # Clip the teacher's boxes to the image before the matching and the L1/GIoU pair losses
-    # (released code: True; the paper does not say). False: the boxes as predicted.
-    _C.MODEL.DISTILL.DETRDISTILL.CLIP_TEACHER_BOXES = True
-    # Temperature of the KL for softmax DETRs (ours: the released code distils sigmoid Deformable
-    # DETR only; neither publishes one: 1, the plain KL).
-    _C.MODEL.DISTILL.DETRDISTILL.TEMPERATURE = 1.0
-    # Target-aware feature distillation per decoder layer (paper and released code: weight 1,
-    # top-K 100, mask floor 0.01).
-    _C.MODEL.DISTILL.DETRDISTILL.FEATURE_WEIGHT = 1.0
-    _C.MODEL.DISTILL.DETRDISTILL.TOPK = 100
-    _C.MODEL.DISTILL.DETRDISTILL.MASK_FLOOR = 0.01
-    # Query-prior assignment distillation: the student's own set losses on its extra decoder pass
-    # with the teacher's queries, under the teacher's assignment (paper: weight 1).
-    _C.MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_WEIGHT = 1.0
-    # Which teacher assignment supervises layer l of that pass: "per_layer" (layer l's own:
-    # released code; the paper names no layer) or "last" (the teacher's last layer's for every
-    # layer: ours, this project's first form).
-    _C.MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_ASSIGNMENT = "per_layer"
-    # Contrastive query term of the released code (every layer; learned projection heads of width
-    # CONTRAST_DIM, InfoNCE over the batch's matched pairs, temperature 0.07; its config: weight
-    # 0.2). Not in the paper's method: off by default; 0.2 reproduces the released config.
-    _C.MODEL.DISTILL.DETRDISTILL.CONTRAST_WEIGHT = 0.0
-    _C.MODEL.DISTILL.DETRDISTILL.CONTRAST_TEMPERATURE = 0.07
-    _C.MODEL.DISTILL.DETRDISTILL.CONTRAST_DIM = 512
-    _C.MODEL.DISTILL.DETRDISTILL.DECAY = decay_node("default")
+    add_method_configs(cfg)
     return cfg
 
 
@@ -361,7 +196,7 @@ def add_data_config(cfg):
 
     * ``DATASETS.REGISTER``: the user's own datasets, registered by
       :func:`csgr_distill.data.register_from_cfg` (entries documented in
-      :mod:`csgr_distill.data.custom` and ``datasets/README.md``);
+      :mod:`csgr_distill.data.custom` and ``docs/own_data.md``);
     * ``INPUT.FIXED_SIZE``: one key for the input size (:func:`apply_input_size`).
 
     ``SOLVER.STEPS`` needs no new key: fractions of ``MAX_ITER`` are accepted there
@@ -387,35 +222,6 @@ def add_data_config(cfg):
         # S x S). 0: those four keys as given.
         cfg.INPUT.FIXED_SIZE = 0
     return cfg
-
-
-def load_config(config_file: str, opts: Sequence[str] = (), register: Sequence[str] = (),
-                check_steps: bool = True, register_datasets: bool = True):
-    """The (unfrozen) config of a tool: ``get_cfg()`` with the project's keys, ``config_file``,
-    the ``KEY VALUE`` overrides ``opts`` (:func:`merge_command_line`), the ``--register-dataset``
-    values ``register`` (``NAME=FORMAT:PATH[:PATH...]``; they replace entries of the same name),
-    the ``DATASETS.REGISTER`` datasets registered (``register_datasets=False``: not yet; the
-    caller registers them with :func:`csgr_distill.data.register_from_cfg` once its loggers are
-    set up, so their summary lines and warnings reach the console and ``log.txt``), then
-    :func:`apply_derived_keys`.
-
-    Raises:
-        FileNotFoundError: ``config_file`` does not exist (naming ``--config-file``).
-        ValueError (and the dataset errors of :mod:`csgr_distill.data.custom`): bad overrides,
-            entries, steps or input size, each naming the key and the fix.
-    """
-    from detectron2.config import get_cfg
-
-    from .cli import check_file
-    from .data.custom import register_from_cfg, replace_entries
-
-    cfg = add_distill_config(get_cfg())
-    cfg.merge_from_file(check_file(config_file))
-    merge_command_line(cfg, opts)
-    replace_entries(cfg, register)
-    if register_datasets:
-        register_from_cfg(cfg)
-    return apply_derived_keys(cfg, check_steps=check_steps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -459,7 +265,7 @@ def apply_input_size(cfg):
 def scale_schedule(cfg, check: bool = True):
     """Make ``SOLVER.STEPS`` follow ``SOLVER.MAX_ITER``.
 
-    Rule (documented in datasets/README.md):
+    Rule (documented in docs/own_data.md, "Schedule"):
 
     * steps given as fractions (every value strictly between 0 and 1, e.g. ``(0.8, 0.95)``) are
       iterations ``floor(f * MAX_ITER)``: with ``MAX_ITER 600``, ``(480, 570)``; with 2000,

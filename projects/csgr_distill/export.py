@@ -26,6 +26,7 @@ from detectron2.utils.file_io import PathManager
 
 from .checkpoint import CheckedCheckpointer, atomic_open, read_checkpoint
 from .config import add_architecture_config
+from .meta_arch.base import DistillMixin
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ def plain_meta_architecture(name: str) -> str:
     ``DistillRetinaNet -> RetinaNet``, ``DistillGeneralizedRCNN -> GeneralizedRCNN``; a name that
     is not a ``DistillMixin`` is returned unchanged.
     """
-    from .meta_arch.base import DistillMixin
-
     cls = META_ARCH_REGISTRY.get(name)
     registered = set(META_ARCH_REGISTRY)  # (name, class) pairs
     for base in cls.__mro__:

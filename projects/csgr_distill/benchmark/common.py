@@ -6,12 +6,12 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..distillers import registered_distillers
+from ..distillers import DISTILLER_REGISTRY, registered_distillers
 
 
 def machine_info(device: str) -> Dict[str, str]:
@@ -121,38 +121,26 @@ def header_lines(title: str, info: Dict[str, str], command: str) -> str:
     return f"### {title}\n\n{info['date']} · {machine}\n\n`{command}`\n"
 
 
-#: DETRDistill's components, each alone (the paper's ablation): gain trains them, overhead times
-#: them (the per-layer matching of the logits term and the extra decoder pass of the query-prior
-#: term are its two likely costs)
-DETRDISTILL_COMPONENTS: Dict[str, List] = {
-    "DETRDistill logits only": ["MODEL.DISTILL.METHODS", ["DETRDistill"],
-                                "MODEL.DISTILL.DETRDISTILL.FEATURE_WEIGHT", 0.0,
-                                "MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_WEIGHT", 0.0],
-    "DETRDistill features only": ["MODEL.DISTILL.METHODS", ["DETRDistill"],
-                                  "MODEL.DISTILL.DETRDISTILL.LOGITS_WEIGHT", 0.0,
-                                  "MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_WEIGHT", 0.0],
-    "DETRDistill query prior only": ["MODEL.DISTILL.METHODS", ["DETRDistill"],
-                                     "MODEL.DISTILL.DETRDISTILL.LOGITS_WEIGHT", 0.0,
-                                     "MODEL.DISTILL.DETRDISTILL.FEATURE_WEIGHT", 0.0],
-}
-
-#: options of a distiller worth measuring besides its published defaults: name -> {label: opts}
-OPTIONS = {
-    "CSGR": {
-        "CSGR teacher_head": ["MODEL.DISTILL.CSGR.ATTENTION", "teacher_head"],
-        "CSGR recurrence 2": ["MODEL.DISTILL.CSGR.RECURRENCE", 2],
-    },
-}
-
-
-def method_variants() -> Dict[str, List]:
-    """label -> cfg overrides for every registered distiller (its defaults) and its OPTIONS.
+def method_variants(part: str, family: Optional[str] = None) -> Dict[str, List]:
+    """label -> cfg overrides of every run a benchmark ``part`` (``"gain"``, ``"overhead"``,
+    ``"kernels"``) measures: each registered distiller with its defaults, and the
+    :class:`~csgr_distill.distillers.Variant` s it declares for that part (and for the detector
+    ``family``, when given) whose methods are all registered. Which of them a detector pair can
+    run is asked of the methods themselves (:func:`~csgr_distill.distillers.pair_problem`).
 
     The one list the three benchmark parts share, so they grow with the registry together.
     """
+    names = registered_distillers()
     out: Dict[str, List] = {}
-    for name in registered_distillers():
+    for name in names:
         out[name] = ["MODEL.DISTILL.METHODS", [name]]
-        for label, opts in OPTIONS.get(name, {}).items():
-            out[label] = ["MODEL.DISTILL.METHODS", [name]] + opts
+        for label, variant in DISTILLER_REGISTRY.get(name).benchmark_variants.items():
+            if part not in variant.parts:
+                continue
+            if family is not None and variant.families is not None \
+                    and family not in variant.families:
+                continue
+            opts = variant.overrides(name)
+            if all(m in names for m in opts[1]):
+                out[label] = opts
     return out

@@ -43,10 +43,13 @@ import statistics
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..cli import load_config, run_logged
 from ..data.fingerprint import dataset_fingerprint, file_sha1
-from ..distillers import registered_distillers
-from ..teacher import REPO_ROOT
-from .common import (DETRDISTILL_COMPONENTS, NO_VALUE, header_lines, machine_info, markdown_table,
+from ..distillers import pair_problem
+from ..records import DetectorSpec
+from ..evaluation.teacher_check import teacher_check
+from ..teacher import REPO_ROOT, build_teacher_cfg
+from .common import (NO_VALUE, header_lines, machine_info, markdown_table,
                      method_variants, missing, number_cell, write_results)
 
 TEACHER_CFG = "configs/demo/teacher-RetinaNet-R18-wide.yaml"
@@ -71,65 +74,33 @@ DETECTORS = {
                         "teacher Deformable DETR R18 (3 encoder layers, FFN 512, 3.3x the "
                         "iterations), students Deformable DETR R18 (d_model 128, 2 + 2 layers)"),
 }
-#: methods (or run labels) a detector's students cannot run: LD needs the distribution box
-#: branch, DETRDistill DETR-family pairs; a DETR has no dense logits (KD, CSGR teacher_head) and
-#: no RoIs (TAR's head terms)
-_CNN_EXCLUDES = ("LD", "DETRDistill")
-DETECTOR_EXCLUDES: Dict[str, Tuple[str, ...]] = {
-    "retinanet": _CNN_EXCLUDES, "rcnn": _CNN_EXCLUDES, "retinanet-dist": ("DETRDistill",),
-    "detr": ("LD", "KD", "TAR", "CSGR teacher_head"),
-    "deformable-detr": ("LD", "KD", "TAR", "CSGR teacher_head")}
-#: runs only a detector's students have: TAR's ablation (as the paper's: features, + class
-#: head, + regression head, each without decay; "TAR" itself adds the decay) and CSGR with TAR's
-#: head terms
-DETECTOR_RUNS: Dict[str, Dict[str, List]] = {
-    "rcnn": {
-        "TAR features, no decay": ["MODEL.DISTILL.METHODS", ["TAR"], "MODEL.DISTILL.TAR.CLS_WEIGHT",
-                                   0.0, "MODEL.DISTILL.TAR.REG_WEIGHT", 0.0,
-                                   "MODEL.DISTILL.TAR.DECAY.TYPE", "none"],
-        "TAR features + cls, no decay": ["MODEL.DISTILL.METHODS", ["TAR"],
-                                         "MODEL.DISTILL.TAR.REG_WEIGHT", 0.0,
-                                         "MODEL.DISTILL.TAR.DECAY.TYPE", "none"],
-        "TAR features + cls + reg, no decay": ["MODEL.DISTILL.METHODS", ["TAR"],
-                                               "MODEL.DISTILL.TAR.DECAY.TYPE", "none"],
-        "CSGR+TAR heads": ["MODEL.DISTILL.METHODS", ["CSGR", "TAR"],
-                           "MODEL.DISTILL.TAR.FEAT_WEIGHT", 0.0],
-    },
-}
-#: DETRDistill's ablation (each component alone, as the paper's) and DETRDistill + CSGR
-_DETRDISTILL_RUNS = {**DETRDISTILL_COMPONENTS,
-                     "DETRDistill+CSGR": ["MODEL.DISTILL.METHODS", ["DETRDistill", "CSGR"]]}
-DETECTOR_RUNS["detr"] = DETECTOR_RUNS["deformable-detr"] = _DETRDISTILL_RUNS
 BASELINE = "baseline (no distillation)"
 METRICS = ("AP", "AP50", "AP75")
-#: combinations worth running once all their members are registered
-COMBINATIONS: List[Tuple[str, ...]] = [("CSGR", "FGD"), ("CSGR", "LD"), ("FGD", "LD")]
-
-
 def method_runs(selected: Optional[List[str]] = None,
                 extra: Optional[Dict[str, List]] = None,
-                detector: str = "retinanet") -> Dict[str, List]:
-    """label -> cfg overrides, for the baseline, every registered distiller, CSGR's options,
-    the combinations whose members are all registered and the ``detector``'s own runs
-    (:data:`DETECTOR_RUNS`). ``selected`` filters by label; ``extra`` (label -> overrides, e.g. a
-    loss-weight sweep) is run besides whatever is selected."""
-    names = registered_distillers()
+                detector: str = "retinanet", base=None) -> Dict[str, List]:
+    """label -> cfg overrides: the baseline, then every registered distiller and the variants it
+    declares for ``gain`` (:func:`~csgr_distill.benchmark.common.method_variants`), kept where
+    the ``detector`` pair supports them: the methods' own build-time checks on the pair's
+    configs decide (:func:`~csgr_distill.distillers.pair_problem`; ``base``: the students'
+    config, default :func:`student_cfg` of the detector). ``selected`` filters by label;
+    ``extra`` (label -> overrides, e.g. a loss-weight sweep) is run besides whatever is
+    selected, unchecked (a bad one fails before training in :func:`check_overrides`)."""
+    if base is None:
+        base = student_cfg((), DETECTORS[detector][1])
+    family = DetectorSpec.from_cfg(base).family
     runs = {BASELINE: ["MODEL.DISTILL.ENABLED", False]}
-    runs.update(method_variants())
-    for combo in COMBINATIONS:
-        if all(c in names for c in combo):
-            runs["+".join(combo)] = ["MODEL.DISTILL.METHODS", list(combo)]
-    for label, opts in DETECTOR_RUNS.get(detector, {}).items():
-        if all(m in names for m in opts[1]):
-            runs[label] = list(opts)
-    excluded = set(DETECTOR_EXCLUDES.get(detector, ()))
-    runs = {label: opts for label, opts in runs.items()
-            if label not in excluded and not (len(opts) > 1 and opts[0] == "MODEL.DISTILL.METHODS"
-                                              and excluded & set(opts[1]))}
+    for label, opts in method_variants("gain", family).items():
+        cfg = base.clone()
+        cfg.merge_from_list(_opts_str(opts))
+        cfg.MODEL.DISTILL.ENABLED = True
+        if pair_problem(cfg) is None:
+            runs[label] = opts
     if selected is not None:
         unknown = [s for s in selected if s not in runs]
         if unknown:
-            raise SystemExit(f"--methods: unknown {unknown}; available: {list(runs)}")
+            raise SystemExit(f"--methods: unknown {unknown}; available on the {detector} pair: "
+                             f"{list(runs)}")
         runs = {k: v for k, v in runs.items() if k in selected or k == BASELINE}
     for label, opts in (extra or {}).items():
         if label in runs:
@@ -154,8 +125,6 @@ def student_cfg(data_opts: Sequence[str] = (), config: Optional[str] = None):
     """The students' config (``config``, default :data:`STUDENT_CFG`) as ``train_net.py`` reads
     it (before per-run overrides), with the ``data_opts`` of
     :func:`csgr_distill.data.pipeline_overrides`."""
-    from ..config import load_config
-
     return load_config(os.path.join(REPO_ROOT, config or STUDENT_CFG), _opts_str(data_opts),
                        check_steps=False)
 
@@ -175,8 +144,6 @@ def check_overrides(plan: Dict[str, List], base=None) -> None:
 def _train_net(args: List[str], log_path: str) -> None:
     """``tools/train_net.py args``: its whole output to ``log_path``, detectron2's progress lines
     (iteration, losses, ETA; evaluation progress) to the console as they come."""
-    from ..cli import run_logged
-
     print(f"      running tools/train_net.py{' --eval-only' if '--eval-only' in args else ''}, "
           f"log {log_path}", flush=True)
     code = run_logged([sys.executable, os.path.join(REPO_ROOT, "tools/train_net.py")]
@@ -424,8 +391,6 @@ def _store(rdir: str, material: dict, result: dict) -> None:
 def teacher_cfg(opts: List, config: Optional[str] = None):
     """The teacher's config (``config``, default :data:`TEACHER_CFG`) as ``train_net.py`` reads
     it with ``opts``."""
-    from ..config import load_config
-
     return load_config(os.path.join(REPO_ROOT, config or TEACHER_CFG), _opts_str(opts),
                        check_steps=False)
 
@@ -496,8 +461,6 @@ def student_material(base_cfg, run_opts: List, opts: List, seed: int, iters: int
     "iters" (None: given weights), "config" (the teacher config as the student builds it, from
     MODEL.DISTILL.TEACHER.CONFIG and .OPTS, as YAML text)}.
     """
-    from ..teacher import build_teacher_cfg
-
     cfg = base_cfg.clone()
     cfg.merge_from_list(_opts_str(run_opts))
     used_teacher = None
@@ -739,9 +702,8 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
     ``data_opts``: overrides that move every run onto other data
     (:func:`csgr_distill.data.pipeline_overrides`; the results section is then named after the
     training set). ``check_teacher``: after the first baseline run, warn loudly when the teacher
-    does not beat it (:func:`csgr_distill.teacher.teacher_check`). ``detector``: a key of
+    does not beat it (:func:`csgr_distill.evaluation.teacher_check.teacher_check`). ``detector``: a key of
     :data:`DETECTORS` (the teacher and student configs)."""
-    from ..teacher import teacher_check
 
     if seeds < 1 or first_seed < 0:
         raise SystemExit(f"--seeds {seeds} --first-seed {first_seed}: give at least one seed and "
@@ -751,8 +713,8 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
     t_config, s_config, description = DETECTORS[detector]
     if detector == "retinanet":  # the module constants (tests point them elsewhere)
         t_config, s_config = TEACHER_CFG, STUDENT_CFG
-    plan = method_runs(methods, variants, detector)
     base = student_cfg(data_opts, s_config)
+    plan = method_runs(methods, variants, detector, base)
     check_overrides(plan, base)
     train_set, test_set = base.DATASETS.TRAIN[0], base.DATASETS.TEST[0]
     work_dir = os.path.abspath(work_dir)

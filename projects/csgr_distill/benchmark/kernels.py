@@ -1,13 +1,16 @@
 """kernels: forward+backward time of each distiller's loss on realistic shapes, ours against a
-straightforward implementation of the same formula, plus their difference.
+straightforward implementation of the same formula (the method's own
+:meth:`~csgr_distill.distillers.Distiller.reference_losses`), plus their difference.
 
 Two kinds of input:
 
-* feature-map losses (CSGR, MIMIC, PKD, FGD) get random p3-p7 maps of an 800x1333 input
-  (``references.py``);
-* losses that read head outputs (KD, LD, TAR, DETRDistill) get the records of one training
-  forward of that method's student and teacher (random weights, the ``overhead`` detector pairs)
-  on a synthetic batch of the same size (``head_references.py``). The records' tensors are
+* losses that read only feature maps (CSGR, MIMIC, PKD, FGD, TAR's feature term on RetinaNet)
+  get random p3-p7 maps of an 800x1333 input;
+* losses that read head outputs (KD, LD, TAR's RoI terms, DETRDistill) get the records of one
+  training forward of that method's student and teacher (random weights) on a synthetic batch
+  of the same size, on the first ``overhead`` detector pair whose configs the method supports
+  (its own build-time checks decide: KD on RetinaNet, LD on the distribution-head RetinaNet,
+  TAR on Faster R-CNN, DETRDistill on DETR). The records' tensors are
   made leaves, so the timed backward stops at them; what a record offers as a callable (the
   teacher's RoI head for TAR's shared RoIs, the student's extra decoder pass for DETRDistill's
   query prior) runs inside the timed call, in ours and in the reference alike. An un-normalised
@@ -28,21 +31,37 @@ from detectron2.utils.events import EventStorage
 from torch import Tensor
 
 from ..config import add_distill_config
-from ..distillers import DISTILLER_REGISTRY
-from ..distillers.registry import fields_by_role
+from ..distillers import DISTILLER_REGISTRY, build_distillers, fields_by_role, pair_problem
 from ..layers import CrissCrossAttention
 from ..layers.reference import NaiveCrissCrossAttention
 from ..outputs import DetectorOutputs
-from ..teacher import REPO_ROOT
+from ..records import DetectorSpec
+from ..teacher import REPO_ROOT, build_teacher_cfg
+from . import overhead
 from .common import header_lines, machine_info, markdown_table, matmul_flops, median, \
     method_variants, time_calls, write_results
-from .head_references import HEAD_REFERENCE_LOSSES
-from .references import REFERENCE_LOSSES, GroundTruth
 
 LEVELS = {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
-#: methods whose loss reads head outputs -> the ``overhead`` detector pair whose records feed it
-RECORD_DETECTORS = {"KD": "RetinaNet", "LD": "RetinaNet, distribution head",
-                    "TAR": "Faster R-CNN", "DETRDistill": "Deformable DETR"}
+
+
+def record_detector(opts) -> str:
+    """The ``overhead`` detector pair whose records feed a head-output loss: of the pairs whose
+    configs support the run ``opts`` (the method's own build-time checks), the one on which it
+    reads the most record fields (its whole formula: TAR's RoI terms on Faster R-CNN, not its
+    feature term alone on RetinaNet); the first of equals."""
+    best, most = None, -1
+    for detector, (student, _) in overhead.DETECTORS.items():
+        cfg = overhead.student_config(student, "cpu", opts)
+        if pair_problem(cfg) is not None:
+            continue
+        built = build_distillers(cfg, DetectorSpec.from_cfg(cfg),
+                                 DetectorSpec.from_cfg(build_teacher_cfg(cfg)))
+        fields = sum(len(set(f)) for d in built.values() for f in fields_by_role(d).values())
+        if fields > most:
+            best, most = detector, fields
+    if best is None:
+        raise ValueError(f"no benchmark detector pair supports {opts}")
+    return best
 
 
 def fpn_shapes(height: int, width: int, divisibility: int = 32) -> Dict[str, tuple]:
@@ -60,7 +79,8 @@ def _build(name, opts, channels, num_classes, device):
     cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
     cfg.merge_from_list(opts)
     shapes = {k: ShapeSpec(channels=channels, stride=s) for k, s in LEVELS.items()}
-    distiller = DISTILLER_REGISTRY.get(name)(cfg, shapes, shapes).to(device)
+    spec = DetectorSpec.from_shapes(cfg, shapes)
+    distiller = DISTILLER_REGISTRY.get(name)(cfg, spec, spec).to(device)
     torch.manual_seed(0)
     with torch.no_grad():  # a trained state: CSGR's gamma and FGD's zero-initialised GC convs
         for p in distiller.parameters():  # != 0, so every term matters
@@ -127,14 +147,11 @@ def _as_leaves(x, leaves: List[Tensor]):
     return x
 
 
-def recorded_inputs(label: str, device: str, batch: int, height: int, width: int):
+def recorded_inputs(label: str, detector: str, device: str, batch: int, height: int, width: int):
     """``(distiller, student record, teacher record, gt_instances, leaves)`` of one training
-    forward of ``label``'s student (the :data:`RECORD_DETECTORS` pair, random weights) on a
-    synthetic ``batch x height x width`` batch; ``leaves``: the student tensors the loss's
-    gradient reaches."""
-    from . import overhead
-
-    detector = RECORD_DETECTORS[label]
+    forward of ``label``'s student on the ``detector`` pair (random weights) on a synthetic
+    ``batch x height x width`` batch; ``leaves``: the student tensors the loss's gradient
+    reaches."""
     (variant,) = overhead.build_variants(detector, device, only=label)
     model = variant.model
     teacher = model.teacher.model
@@ -225,39 +242,37 @@ def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333,
     }
     # ground truth for the methods that read boxes (FGD's masks): 8 boxes per image
     gt_instances = synthetic_boxes(height, width, batch, 8, g, num_classes)
-    gt = GroundTruth([i.gt_boxes.tensor for i in gt_instances], [(height, width)] * batch,
-                     padded)
     gt_instances = [i.to(device) for i in gt_instances]
     rows: List[dict] = []
-    for label, opts in method_variants().items():
+    for label, opts in method_variants("kernels").items():
         name = opts[1][0]
-        if label in RECORD_DETECTORS:
-            distiller, s_rec, t_rec, gt_rec, leaves = recorded_inputs(label, device, batch,
-                                                                       height, width)
-            fns = {"ours": lambda: distiller(s_rec, t_rec, gt_rec),
-                   "reference": lambda: HEAD_REFERENCE_LOSSES[name](distiller, s_rec, t_rec,
-                                                                    gt_rec)}
-            with EventStorage(0):
-                row = _compare(distiller, fns, leaves, device, repeats, warmup)
-            rows.append({"method": label, "inputs": f"{RECORD_DETECTORS[label]} records",
-                         **row})
+        try:  # on a RetinaNet's p3-p7 maps
+            distiller = _build(name, opts, channels, num_classes, device)
+            features_only = all(set(f) == {"features"}
+                                for f in fields_by_role(distiller).values())
+        except ValueError:  # a pair the method refuses (LD, DETRDistill)
+            features_only = False
+        if features_only and record_detector(opts) == "RetinaNet":
+            s_feats = {k: v.clone().requires_grad_(True) for k, v in feats["student"].items()}
+            s_rec = DetectorOutputs("features", [(height, width)] * batch, padded,
+                                    features=s_feats, feature_names=list(LEVELS))
+            t_rec = DetectorOutputs("features", [(height, width)] * batch, padded,
+                                    features=feats["teacher"], feature_names=list(LEVELS))
+            gt_rec, leaves, inputs = gt_instances, list(s_feats.values()), "p3-p7 maps"
+        else:  # head outputs: the records of a detector pair the method supports
+            detector = record_detector(opts)
+            distiller, s_rec, t_rec, gt_rec, leaves = recorded_inputs(label, detector, device,
+                                                                       batch, height, width)
+            inputs = f"{detector} records"
+        if distiller.reference_losses(s_rec, t_rec, gt_rec) is None:
+            rows.append({"method": label, "note": "no straightforward reference"})
             continue
-        if name not in REFERENCE_LOSSES:
-            rows.append({"method": label, "note": "no straightforward reference registered"})
-            continue
-        distiller = _build(name, opts, channels, num_classes, device)
-        if any(set(f) != {"features"} for f in fields_by_role(distiller).values()):
-            continue  # the loss kernel needs detector head outputs (e.g. teacher_head): skipped
-        s_feats = {k: v.clone().requires_grad_(True) for k, v in feats["student"].items()}
-        s_out = DetectorOutputs("features", [(height, width)] * batch, padded,
-                                features=s_feats, feature_names=list(LEVELS))
-        t_out = DetectorOutputs("features", [(height, width)] * batch, padded,
-                                features=feats["teacher"], feature_names=list(LEVELS))
-        fns = {"ours": lambda d=distiller, s=s_out, t=t_out: d(s, t, gt_instances),
-               "reference": lambda d=distiller, n=name, s=s_feats: REFERENCE_LOSSES[n](
-                   d, s, feats["teacher"], gt)}
-        row = _compare(distiller, fns, list(s_feats.values()), device, repeats, warmup)
-        rows.append({"method": label, "inputs": "p3-p7 maps", **row})
+        fns = {"ours": lambda d=distiller, s=s_rec, t=t_rec, g=gt_rec: d(s, t, g),
+               "reference": lambda d=distiller, s=s_rec, t=t_rec, g=gt_rec:
+               d.reference_losses(s, t, g)}
+        with EventStorage(0):
+            row = _compare(distiller, fns, leaves, device, repeats, warmup)
+        rows.append({"method": label, "inputs": inputs, **row})
 
     # the criss-cross layer alone, at the largest level
     h, w = sizes["p3"]

@@ -3,8 +3,9 @@ SGD step) for
 
 * the student alone,
 * the student plus a teacher forward (the physical floor of any feature distillation),
-* the student under each registered distiller (and CSGR's options; on the DETR family also
-  DETRDistill's components one by one and its last-layer query-prior assignment),
+* the student under each registered distiller and each variant a method declares for
+  ``overhead`` (CSGR's options; on the DETR family DETRDistill's components one by one and its
+  last-layer query-prior assignment), wherever the detector's pair supports it,
 
 for RetinaNet, Faster R-CNN and the distribution-head RetinaNet (and, on request, DETR and
 Deformable DETR) at a stated image size and batch. Times come from one process,
@@ -19,7 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from detectron2.config import get_cfg
@@ -28,10 +29,11 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from ..config import add_distill_config
-from ..records import recorder_for
+from ..distillers import pair_problem
+from ..records import DetectorSpec, recorder_for
 from ..teacher import REPO_ROOT, FrozenTeacher, build_teacher_cfg
-from .common import DETRDISTILL_COMPONENTS, header_lines, machine_info, markdown_table, \
-    matmul_flops, median, method_variants, synchronize, time_calls, write_results
+from .common import header_lines, machine_info, markdown_table, matmul_flops, median, \
+    method_variants, synchronize, time_calls, write_results
 
 #: detector -> (distilled student config, teacher config)
 DETECTORS = {
@@ -40,29 +42,18 @@ DETECTORS = {
                      "configs/teachers/FasterRCNN-R101-SODA10M.yaml"),
     "RetinaNet, distribution head": ("configs/LD-RetinaNet-R50.yaml",
                                      "configs/teachers/RetinaNet-Dist-R101-SODA10M.yaml"),
-    "DETR": ("configs/CSGR-DETR-R50.yaml", "configs/detr/DETR-R101.yaml"),
     "Deformable DETR": ("configs/CSGR-DeformableDETR-R50.yaml",
                         "configs/detr/DeformableDETR-R101.yaml"),
+    "DETR": ("configs/CSGR-DETR-R50.yaml", "configs/detr/DETR-R101.yaml"),
 }
-#: detector -> the only methods timed on it (others: every registered method)
-DETECTOR_METHODS = {"RetinaNet, distribution head": ("LD",),
-                    "DETR": ("CSGR", "DETRDistill"),
-                    "Deformable DETR": ("CSGR", "DETRDistill")}
-#: DETRDistill's query-prior term under the teacher's last-layer assignment for every layer (the
-#: option; "DETRDistill query prior only" uses each layer's own, the default)
-DETRDISTILL_OPTIONS = {"DETRDistill query prior only, last-layer assignment": [
-    *DETRDISTILL_COMPONENTS["DETRDistill query prior only"],
-    "MODEL.DISTILL.DETRDISTILL.QUERY_PRIOR_ASSIGNMENT", "last"]}
-#: variants only a detector's students have: DETRDistill's components, timed one by one, and its
-#: options
-DETECTOR_VARIANTS = {"DETR": {**DETRDISTILL_COMPONENTS, **DETRDISTILL_OPTIONS},
-                     "Deformable DETR": {**DETRDISTILL_COMPONENTS, **DETRDISTILL_OPTIONS}}
 #: detectors timed by default (the DETR family on request: --detectors DETR "Deformable DETR")
 DEFAULT_DETECTORS = ("RetinaNet", "Faster R-CNN", "RetinaNet, distribution head")
 STUDENT, FLOOR = "student alone", "student + teacher forward (floor)"
 
 
-def _cfg(path: str, device: str, opts: List) -> "CfgNode":  # noqa: F821
+def student_config(path: str, device: str, opts: List):
+    """The student config ``path`` (repository-relative) for timing: no weights, ``device``,
+    the teacher config path made absolute, then ``opts``."""
     cfg = add_distill_config(get_cfg())
     cfg.merge_from_file(os.path.join(REPO_ROOT, path))
     cfg.MODEL.WEIGHTS = ""
@@ -111,30 +102,35 @@ class _Variant:
         self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
 
 
-def build_variants(detector: str, device: str, only: Optional[str] = None) -> List[_Variant]:
-    """Student, floor, and every method on one detector, sharing one (random) teacher."""
+def build_variants(detector: str, device: str, only: Optional[str] = None,
+                   methods: Optional[Sequence[str]] = None) -> List[_Variant]:
+    """Student, floor, and every method (and variant declared for ``overhead``) that the
+    detector's pair supports -- the methods' own build-time checks decide -- sharing one (random)
+    teacher. ``only``: that label alone; ``methods``: only these labels (besides student and
+    floor)."""
     student_cfg_path, _ = DETECTORS[detector]
-    base = _cfg(student_cfg_path, device, ["MODEL.DISTILL.ENABLED", False])
+    base = student_config(student_cfg_path, device, ["MODEL.DISTILL.ENABLED", False])
     torch.manual_seed(0)
     variants = []
     if only == STUDENT:
         return [_Variant(STUDENT, build_model(base).train())]
-    teacher_cfg = build_teacher_cfg(_cfg(student_cfg_path, device, []))
+    teacher_cfg = build_teacher_cfg(student_config(student_cfg_path, device, []))
     teacher = FrozenTeacher(build_model(teacher_cfg), teacher_cfg)  # random weights: timing only
     if only in (None, STUDENT):
         variants.append(_Variant(STUDENT, build_model(base).train()))
     if only in (None, FLOOR):
         variants.append(_Variant(FLOOR, build_model(base).train(), teacher_forward=teacher))
-    for label, opts in {**method_variants(), **DETECTOR_VARIANTS.get(detector, {})}.items():
-        if only not in (None, label):
+    family = DetectorSpec.from_cfg(base).family
+    for label, opts in method_variants("overhead", family).items():
+        if only not in (None, label) or (methods is not None and label not in methods):
             continue
-        if detector in DETECTOR_METHODS and opts[1][0] not in DETECTOR_METHODS[detector]:
+        cfg = student_config(student_cfg_path, device, opts)
+        problem = pair_problem(cfg)
+        if problem is not None:  # e.g. LD on a RetinaNet without the distribution head
+            if only is not None or methods is not None:
+                print(f"[overhead] {detector}: skipping {label}: {problem}", file=sys.stderr)
             continue
-        try:
-            model = build_model(_cfg(student_cfg_path, device, opts)).train()
-        except ValueError as e:  # e.g. teacher_head on a detector without dense logits
-            print(f"[overhead] {detector}: skipping {label}: {e}", file=sys.stderr)
-            continue
+        model = build_model(cfg).train()
         model.attach_teacher(teacher)
         variants.append(_Variant(label, model))
     return variants
@@ -190,11 +186,13 @@ def _probe_in_subprocess(detector, label, device, batch, height, width) -> float
 
 def run(out_dir: str, device: str = "cpu", height: int = 512, width: int = 640, batch: int = 2,
         repeats: int = 8, warmup: int = 2, detectors=DEFAULT_DETECTORS, command: str = "",
-        measure_memory: bool = True) -> dict:
+        measure_memory: bool = True, methods: Optional[Sequence[str]] = None) -> dict:
+    """Time every detector of ``detectors`` (``methods``: only these labels besides the student
+    and the floor) and write ``overhead.{json,md}`` into ``out_dir``."""
     sections = {}
     info = machine_info(device)
     for detector in detectors:
-        variants = build_variants(detector, device)
+        variants = build_variants(detector, device, methods=methods)
         data = synthetic_batch(batch, height, width)
         times = {v.label: [] for v in variants}
         for v in variants:

@@ -14,7 +14,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from ..detectors import num_classes_key, num_classes_of
 from .errors import DatasetNotFoundError
+from .images import read_headers
 
 __all__ = [
     "BOX_TOLERANCE_PX",
@@ -95,7 +97,6 @@ def check_image_files(dicts: Sequence[dict], name: str, source: str, fix: str = 
             message).
         DatasetContentError: files that are no images or have another size.
     """
-    from .images import read_headers
 
     size_key = size_key or f"width/height in {source}"
     headers = read_headers([d["file_name"] for d in dicts], source)
@@ -127,7 +128,7 @@ def check_image_files(dicts: Sequence[dict], name: str, source: str, fix: str = 
             f"detectron2 (like image viewers) applies the orientation. If the boxes were drawn "
             f"on the rotated view (as browsers and most annotation tools show it), write the size "
             f"detectron2 reads as {size_key}; if they were drawn on the stored pixels, remove "
-            f"the EXIF orientation tag from the files (datasets/README.md, \"Image checks\")"))
+            f"the EXIF orientation tag from the files (docs/own_data.md, \"Image checks\")"))
     if resized:
         parts.append(_listing(
             resized, n, source, "of another size than the annotations give",
@@ -247,7 +248,7 @@ def training_class_names(cfg, load: bool = True) -> Optional[Tuple[str, List[str
 def check_num_classes(cfg, opts_key: Optional[str] = None,
                       load: bool = True) -> Optional[List[str]]:
     """The head's class count (``MODEL.RETINANET.NUM_CLASSES`` for RetinaNet,
-    ``MODEL.ROI_HEADS.NUM_CLASSES`` for R-CNN; see :func:`csgr_distill.teacher.num_classes_key`)
+    ``MODEL.ROI_HEADS.NUM_CLASSES`` for R-CNN; see :func:`csgr_distill.detectors.num_classes_key`)
     must equal the length of the training set's class list.
 
     Args:
@@ -264,7 +265,6 @@ def check_num_classes(cfg, opts_key: Optional[str] = None,
         ValueError: naming the key, its value, the training set and its class list, and the exact
             override.
     """
-    from ..teacher import num_classes_key, num_classes_of
 
     found = training_class_names(cfg, load)
     if found is None:
@@ -280,7 +280,7 @@ def check_num_classes(cfg, opts_key: Optional[str] = None,
               "in the yaml)"
     empty = classes_without_boxes(cfg.DATASETS.TRAIN)
     dead = (f"; without the classes that have no boxes, {empty}, it would be "
-            f"{len(names) - len(empty)} (datasets/README.md, \"Classes without boxes\")"
+            f"{len(names) - len(empty)} (docs/own_data.md, \"Classes without boxes\")"
             if empty else "")
     raise ValueError(
         f"{key} is {value}, but the training set {name} has {_plural(len(names), 'class')}: "
@@ -325,7 +325,7 @@ def warn_classes_without_boxes(names: Sequence[str], key: str = "DATASETS.TRAIN"
     logger.warning(
         "Classes without boxes in %s %s: %s. The head gets an output for each that never occurs "
         "in training. To drop them: %s; the class count is then %d, and the test set needs the "
-        "same class list (datasets/README.md, \"Classes without boxes\").", key, list(names),
+        "same class list (docs/own_data.md, \"Classes without boxes\").", key, list(names),
         empty,
         "; ".join(dict.fromkeys(where)) or "remove them from the set's class list",
         len(MetadataCatalog.get(names[0]).thing_classes) - len(empty))

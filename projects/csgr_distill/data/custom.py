@@ -236,7 +236,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         DATASET_FLAG, dest="register_dataset", action="append", default=[],
         metavar="NAME=FORMAT:PATH[:PATH...]",
         help=f"register a dataset of your own (repeatable): {_FLAG_FORMS}; then name it in "
-             "DATASETS.TRAIN / DATASETS.TEST (datasets/README.md)")
+             "DATASETS.TRAIN / DATASETS.TEST (docs/own_data.md)")
     return parser
 
 
@@ -619,7 +619,7 @@ def read_voc(dirname: str, split: str, name: str = "") -> List[dict]:
             f"'{ids[twice[0][1]]}' (entries {twice[0][0] + 1} and {twice[0][1] + 1}): the image "
             "would be trained twice and VOC evaluation would count its objects twice. List each "
             "id once")
-    images = _voc_image_files(dirname, ids)
+    images = voc_image_files(dirname, ids)
     xmls = [os.path.join(dirname, "Annotations", i + ".xml") for i in ids]
     missing = [x for x in xmls if not os.path.isfile(x)]
     if missing:
@@ -660,7 +660,7 @@ def read_voc(dirname: str, split: str, name: str = "") -> List[dict]:
 VOC_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _voc_image_files(dirname: str, ids: Sequence[str]) -> Dict[str, str]:
+def voc_image_files(dirname: str, ids: Sequence[str]) -> Dict[str, str]:
     """id -> its image file in ``JPEGImages/``: ``<id>.jpg`` (detectron2's VOC name), else the
     first ``<id><ext>`` of :data:`VOC_IMAGE_EXTENSIONS` (lower, then upper case) that exists;
     ``<id>.jpg`` when none does (reported missing later). One directory listing."""

@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .custom import voc_image_files
+
 __all__ = ["dataset_fingerprint", "file_sha1"]
 
 #: annotation file sha1 -> the image file names it lists (parsing a large json takes seconds)
@@ -73,8 +75,6 @@ def dataset_fingerprint(name: str) -> Optional[dict]:
 def _voc(dirname: str, split: str) -> Tuple[str, List[str]]:
     """sha1 of the split file and its XMLs (each with its relative path), and the image files
     (relative to ``dirname``) as :func:`csgr_distill.data.custom.read_voc` finds them."""
-    from .custom import _voc_image_files
-
     split_file = os.path.join(dirname, "ImageSets", "Main", split + ".txt")
     h = hashlib.sha1()
     with open(split_file, "rb") as f:
@@ -89,5 +89,5 @@ def _voc(dirname: str, split: str) -> Tuple[str, List[str]]:
                 h.update(f.read() + b"\0")
         except OSError:
             h.update(b"missing\0")
-    images = _voc_image_files(dirname, ids)
+    images = voc_image_files(dirname, ids)
     return h.hexdigest(), [os.path.relpath(images[fid], dirname) for fid in ids]

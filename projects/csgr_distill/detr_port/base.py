@@ -8,6 +8,8 @@ from detectron2.modeling import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
+from ..detectors import register_detector
+
 __all__ = ["DetrFamily"]
 
 
@@ -50,3 +52,6 @@ class DetrFamily(nn.Module):
             results.append({"instances": detector_postprocess(
                 inst, x.get("height", h), x.get("width", w))})
         return results
+
+
+register_detector(DetrFamily, num_classes_key="MODEL.DETR.NUM_CLASSES")

@@ -1,7 +1,7 @@
-"""CSGR: category semantic + global relation distillation (shared/methods/CSGR.md).
+"""CSGR: category semantic + global relation distillation (``docs/methods/CSGR.md``).
 
 Liang, Ma, Wang, Li, "Category semantic and global relation distillation for object detection",
-Chinese Journal of Engineering, 2025.
+Chinese Journal of Engineering, 2025. No public code: this follows the paper's text.
 """
 from typing import Dict, List, Optional
 
@@ -12,7 +12,9 @@ from torch.nn import functional as F
 
 from ..layers.adapters import build_channel_adapter, channel_standardize
 from ..layers.criss_cross import CrissCrossAttention
-from ..teacher import num_classes_of
+from ..layers.reference import naive_criss_cross_pass
+from .base import Distiller, Variant
+from .level_pairs import channels_of, check_levels, level_pair
 from .registry import register_distiller
 
 __all__ = ["CSGRDistiller", "category_vectors", "spatial_softmax"]
@@ -57,7 +59,7 @@ class _CSGRLevel(nn.Module):
 
 
 @register_distiller("CSGR")
-class CSGRDistiller(nn.Module):
+class CSGRDistiller(Distiller):
     r"""Category semantic + global relation distillation, one independent module per FPN level.
 
     Per level, with student map ``S`` ``[N, Cs, H, W]`` and teacher map ``T`` ``[N, C, H, W]``
@@ -81,9 +83,30 @@ class CSGRDistiller(nn.Module):
     The classifier W and the CCA block get gradients through both branches.
     """
 
-    required_outputs = {"student": ("features",), "teacher": ("features",)}
     loss_weight_keys = {"loss_csgr_cs": "MODEL.DISTILL.CSGR.ALPHA",
                         "loss_csgr_gr": "MODEL.DISTILL.CSGR.BETA"}
+    benchmark_variants = {
+        "CSGR teacher_head": Variant(("MODEL.DISTILL.CSGR.ATTENTION", "teacher_head")),
+        "CSGR recurrence 2": Variant(("MODEL.DISTILL.CSGR.RECURRENCE", 2)),
+    }
+
+    @classmethod
+    def add_config(cls, node) -> None:
+        # Weight of the category-semantic loss L_cs (sum over N,K,C of squared differences / N);
+        # the paper's 5e-4.
+        node.ALPHA = 5e-4
+        # Weight of the global-relation loss L_gr (sum over N,C,H,W of squared differences / N);
+        # the paper's 1e-5.
+        node.BETA = 1e-5
+        # Student/teacher feature levels distilled, one independent loss module per level (the
+        # paper: every FPN output level).
+        node.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+        # Category attention source: "learned" (the paper: a shared 1x1 classifier C->K) or
+        # "teacher_head" (ours: the teacher's own class logits, max over anchors, softmax over
+        # positions).
+        node.ATTENTION = "learned"
+        # Criss-cross passes: 1 (the paper) or 2 (CCNet's choice: every pixel sees the whole map).
+        node.RECURRENCE = 1
 
     @configurable
     def __init__(
@@ -116,18 +139,7 @@ class CSGRDistiller(nn.Module):
             raise ValueError(
                 f"MODEL.DISTILL.CSGR.RECURRENCE must be one of {_RECURRENCES}, got {recurrence!r}"
             )
-        in_features = list(in_features)
-        if not in_features:
-            raise ValueError("MODEL.DISTILL.CSGR.IN_FEATURES is empty; name at least one level")
-        if len(set(in_features)) != len(in_features):
-            raise ValueError(f"MODEL.DISTILL.CSGR.IN_FEATURES lists a level twice: {in_features}")
-        for role, chans in (("student", student_channels), ("teacher", teacher_channels)):
-            missing = [f for f in in_features if f not in chans]
-            if missing:
-                raise ValueError(
-                    f"MODEL.DISTILL.CSGR.IN_FEATURES names levels {missing} that the {role} does "
-                    f"not produce (it has {sorted(chans)})"
-                )
+        in_features = check_levels("CSGR", in_features, student_channels, teacher_channels)
         if int(num_classes) < 1:
             raise ValueError(f"CSGR needs num_classes >= 1, got {num_classes}")
         self.in_features = in_features
@@ -149,20 +161,13 @@ class CSGRDistiller(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, cfg, student_shapes, teacher_shapes):
+    def from_config(cls, cfg, student, teacher):
         c = cfg.MODEL.DISTILL.CSGR
-        return {
-            # __init__ reports levels a network lacks; strides and level provenance of the pair
-            # are checked by the meta-architecture (records.check_level_pairs)
-            "in_features": list(c.IN_FEATURES),
-            "student_channels": {f: s.channels for f, s in student_shapes.items()},
-            "teacher_channels": {f: t.channels for f, t in teacher_shapes.items()},
-            "num_classes": num_classes_of(cfg),
-            "alpha": c.ALPHA,
-            "beta": c.BETA,
-            "attention": c.ATTENTION,
-            "recurrence": c.RECURRENCE,
-        }
+        # __init__ reports levels a network lacks; strides and level provenance of the pair are
+        # checked by build_distillers
+        return {"in_features": list(c.IN_FEATURES), **channels_of(student, teacher),
+                "num_classes": student.num_classes, "alpha": c.ALPHA, "beta": c.BETA,
+                "attention": c.ATTENTION, "recurrence": c.RECURRENCE}
 
     # ------------------------------------------------------------------ pieces
     def normalized(self, feat: Tensor, level: str, role: str = "student") -> Tensor:
@@ -198,13 +203,6 @@ class CSGRDistiller(nn.Module):
             t_logits: teacher class logits ``[N, A*K, H, W]`` (teacher_head attention only).
         """
         t_feat = t_feat.detach()
-        if s_feat.shape[0] != t_feat.shape[0] or s_feat.shape[-2:] != t_feat.shape[-2:]:
-            raise ValueError(
-                f"CSGR level {level!r}: student map {tuple(s_feat.shape)} and teacher map "
-                f"{tuple(t_feat.shape)} differ in batch or spatial size; teacher and student must "
-                f"see the same padded images (same size divisibility) and use levels of equal "
-                f"stride (MODEL.DISTILL.CSGR.IN_FEATURES)"
-            )
         mod = self.levels[level]
         s_hat = channel_standardize(mod.adapter(s_feat))
         t_hat = channel_standardize(t_feat)
@@ -230,6 +228,13 @@ class CSGRDistiller(nn.Module):
         l_gr = mod.cca.paired_difference(t_hat, s_hat).pow(2).sum() / n
         return {"cs": l_cs, "gr": l_gr}
 
+    def reference_losses(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
+        """:func:`straightforward_csgr` on the two records' maps (the paper's learned
+        attention; None for ``teacher_head``)."""
+        if self.attention != "learned":
+            return None
+        return straightforward_csgr(self, student.features, teacher.features)
+
     def forward(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
         """``(DetectorOutputs, DetectorOutputs, list[Instances]) -> {loss name: weighted loss}``.
 
@@ -238,15 +243,9 @@ class CSGRDistiller(nn.Module):
         """
         losses = {}
         for level in self.in_features:
-            for role, out in (("student", student), ("teacher", teacher)):
-                if level not in out.features:
-                    raise KeyError(
-                        f"CSGR: the {role} outputs have no feature {level!r} (have "
-                        f"{sorted(out.features)}); check MODEL.DISTILL.CSGR.IN_FEATURES"
-                    )
+            s_feat, t_feat = level_pair("CSGR", level, student, teacher)
             t_logits = teacher.level_logits(level) if self.attention == "teacher_head" else None
-            l = self.level_losses(student.features[level], teacher.features[level], level,
-                                  t_logits)
+            l = self.level_losses(s_feat, t_feat, level, t_logits)
             losses[f"loss_csgr_cs_{level}"] = self.alpha * l["cs"]
             losses[f"loss_csgr_gr_{level}"] = self.beta * l["gr"]
         return losses
@@ -281,3 +280,33 @@ class CSGRDistiller(nn.Module):
         (see :meth:`CrissCrossAttention.attention_for_pixel`)."""
         x_hat = self.normalized(features[level], level, role)
         return self.levels[level].cca.attention_for_pixel(x_hat, i, j, step=step)
+
+
+# ------------------------------------------------------------------------------------------------
+# straightforward reference (Distiller.reference_losses; tools/benchmark.py kernels)
+# ------------------------------------------------------------------------------------------------
+def straightforward_csgr(distiller, student: Dict[str, Tensor], teacher: Dict[str, Tensor],
+                         gt=None):
+    """CSGR.md written plainly: teacher and student branches separately, einsum pooling, the
+    naive criss-cross applied to each branch, ``sum / N`` reductions."""
+    losses = {}
+    for level in distiller.in_features:
+        mod = distiller.levels[level]
+        s_hat = channel_standardize(mod.adapter(student[level]))
+        t_hat = channel_standardize(teacher[level].detach())
+        n = s_hat.shape[0]
+        vectors = []
+        for x in (s_hat, t_hat):
+            logits = mod.classifier(x).flatten(2)  # [N, K, HW]
+            att = F.softmax(logits, dim=2)
+            vectors.append(torch.einsum("nkp,ncp->nkc", att, x.flatten(2)))
+        l_cs = ((vectors[1] - vectors[0]) ** 2).sum() / n
+        outs = []
+        for x in (s_hat, t_hat):
+            for _ in range(mod.cca.recurrence):
+                x = naive_criss_cross_pass(mod.cca, x)
+            outs.append(x)
+        l_gr = ((outs[1] - outs[0]) ** 2).sum() / n
+        losses[f"loss_csgr_cs_{level}"] = distiller.alpha * l_cs
+        losses[f"loss_csgr_gr_{level}"] = distiller.beta * l_gr
+    return losses

@@ -1,5 +1,5 @@
 """FGD: Focal and Global Knowledge Distillation for Detectors (Yang et al., CVPR 2022,
-arXiv 2111.11837), as specified in ``shared/methods/FGD.md``.
+arXiv 2111.11837; ``docs/methods/FGD.md``; released code yzd-v/FGD).
 
 Per FPN level, with the student map adapted to the teacher's channels:
 
@@ -10,6 +10,7 @@ Per FPN level, with the student map adapted to the teacher's channels:
 * global loss: squared difference of the two maps after one GC block each
   (:class:`~csgr_distill.layers.GlobalContextBlock`).
 """
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -18,7 +19,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..layers.gc_block import GlobalContextBlock
-from .level_pairs import LevelPairDistiller
+from ..layers.reference import GroundTruth
+from .base import Variant
+from .level_pairs import LevelPairDistiller, channels_of
 from .registry import register_distiller
 
 __all__ = ["FGDDistiller", "fgd_masks", "fgd_attention", "BOX_SCALINGS"]
@@ -116,10 +119,33 @@ class FGDDistiller(LevelPairDistiller):
     defaults, ``configs/Base-Distill-RCNN-FPN.yaml`` sets Faster R-CNN's).
     """
 
-    config_node = "FGD"
     #: term of ``loss_fgd_<term>_<level>`` -> (its weight's attribute, its config key)
     TERMS = {"fg": ("alpha", "ALPHA"), "bg": ("beta", "BETA"), "at": ("gamma", "GAMMA"),
              "gl": ("lambda_gl", "LAMBDA")}
+
+    benchmark_variants = {"CSGR+FGD": Variant(("MODEL.DISTILL.METHODS", ("CSGR", "FGD")),
+                                              parts=("gain",))}
+
+    @classmethod
+    def add_config(cls, node) -> None:
+        # Attention temperature T_att (released configs: 0.5 for RetinaNet, GFL, Faster/Mask R-CNN
+        # and RepPoints; 0.8 for FCOS).
+        node.TEMPERATURE = 0.5
+        # The four terms' weights: the released RetinaNet (and GFL) configs' alpha, beta, gamma,
+        # lambda; configs/Base-Distill-RCNN-FPN.yaml sets the released Faster / Mask R-CNN ones
+        # (5e-5, 2.5e-5, 5e-5, 5e-7).
+        node.ALPHA = 1e-3  # foreground focal term
+        node.BETA = 5e-4  # background focal term
+        node.GAMMA = 5e-4  # attention term
+        node.LAMBDA = 5e-6  # global (GC block) term
+        # Levels distilled (present in both networks with equal strides); R-CNN configs: p2-p5.
+        node.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+        # How ground-truth boxes reach a level's grid: "padded" (ours) divides by the padded batch
+        # size (each box covers the cells under it); "unpadded" by the image's own size, as the
+        # released code scales them (boxes of an image smaller than the padded batch are
+        # stretched towards the padding). Either way a box reaching the right or bottom edge is
+        # normalised by the cells it covers on the map (docs/methods/FGD.md).
+        node.BOX_SCALING = "padded"
 
     @configurable
     def __init__(self, *, in_features: List[str], student_channels: Dict[str, int],
@@ -151,22 +177,11 @@ class FGDDistiller(LevelPairDistiller):
                                               for f in self.in_features})
 
     @classmethod
-    def from_config(cls, cfg, student_shapes, teacher_shapes):
+    def from_config(cls, cfg, student, teacher):
         c = cfg.MODEL.DISTILL.FGD
         return {"in_features": list(c.IN_FEATURES), "temperature": c.TEMPERATURE,
                 "alpha": c.ALPHA, "beta": c.BETA, "gamma": c.GAMMA, "lambda_gl": c.LAMBDA,
-                "box_scaling": c.BOX_SCALING,
-                **cls.channels_from_shapes(student_shapes, teacher_shapes)}
-
-    @staticmethod
-    def gt_boxes(gt_instances, n: int) -> List[Tensor]:
-        """Per image the ``[B_i, 4]`` ground-truth boxes of ``gt_instances`` (``Instances`` with
-        ``gt_boxes``, as the detectors' training forward receives them)."""
-        if gt_instances is None or len(gt_instances) != n:
-            got = "none" if gt_instances is None else len(gt_instances)
-            raise ValueError(f"FGD needs the ground-truth instances of the {n} images of the "
-                             f"batch (got {got}): it is a training-time loss")
-        return [inst.gt_boxes.tensor for inst in gt_instances]
+                "box_scaling": c.BOX_SCALING, **channels_of(student, teacher)}
 
     def masks(self, boxes: List[Tensor], grid: Tuple[int, int], record) -> Tuple[Tensor, Tensor]:
         """:func:`fgd_masks` of one level with this distiller's box scaling and the padded and
@@ -196,6 +211,11 @@ class FGDDistiller(LevelPairDistiller):
                    - self.teacher_context[level](t_feat)).pow(2).sum() / n,
         }
 
+    def reference_losses(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
+        """:func:`straightforward_fgd` on the two records' maps and the batch's boxes."""
+        return straightforward_fgd(self, student.features, teacher.features,
+                                   GroundTruth.of(student, gt_instances))
+
     def forward(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
         """``(DetectorOutputs, DetectorOutputs, list[Instances]) -> {loss name: weighted loss}``:
         ``loss_fgd_{fg,bg,at,gl}_<level>`` for every level of ``in_features``."""
@@ -221,3 +241,90 @@ class FGDDistiller(LevelPairDistiller):
                 "teacher_spatial": fgd_attention(teacher.features[level], self.temperature)[0],
                 "student_spatial": fgd_attention(self.adapters[level](s_feat),
                                                  self.temperature)[0]}
+
+
+# ------------------------------------------------------------------------------------------------
+# straightforward reference (Distiller.reference_losses; tools/benchmark.py kernels)
+# ------------------------------------------------------------------------------------------------
+def _fgd_mask(boxes: Tensor, h: int, w: int, ref_h: float, ref_w: float) -> Tensor:
+    """FGD's foreground mask of one image, box by box as the official code writes it (slices of
+    the map set to ``max(current, 1 / cells)``), with the cell count taken after clipping."""
+    mask = torch.zeros(h, w)
+    for x1, y1, x2, y2 in boxes.tolist():
+        c0, c1 = math.floor(x1 * (w / ref_w)), math.ceil(x2 * (w / ref_w))
+        r0, r1 = math.floor(y1 * (h / ref_h)), math.ceil(y2 * (h / ref_h))
+        c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, w - 1), min(r1, h - 1)
+        if c1 < c0 or r1 < r0:
+            continue
+        area = 1.0 / ((r1 - r0 + 1) * (c1 - c0 + 1))
+        block = mask[r0:r1 + 1, c0:c1 + 1]
+        mask[r0:r1 + 1, c0:c1 + 1] = torch.clamp(block, min=area)
+    return mask
+
+
+def _gc_block(block, x: Tensor) -> Tensor:
+    """A :class:`GlobalContextBlock` written with matrix products on ``[C, H*W]`` per image."""
+    out = []
+    for f in x:  # [C, H, W]
+        c = f.shape[0]
+        flat = f.reshape(c, -1)
+        logits = block.context.weight.reshape(1, c) @ flat + block.context.bias[:, None]
+        context = flat @ torch.softmax(logits[0], dim=0)  # [C]
+        conv1, norm, _, conv2 = block.transform
+        hidden = conv1.weight.reshape(-1, c) @ context + conv1.bias
+        hidden = (hidden - hidden.mean()) / torch.sqrt(hidden.var(unbiased=False) + norm.eps)
+        hidden = torch.relu(hidden * norm.weight.reshape(-1) + norm.bias.reshape(-1))
+        add = conv2.weight.reshape(c, -1) @ hidden + conv2.bias
+        out.append(f + add[:, None, None])
+    return torch.stack(out)
+
+
+def straightforward_fgd(distiller, student: Dict[str, Tensor], teacher: Dict[str, Tensor],
+                        gt: "GroundTruth" = None):
+    """FGD.md written plainly, as its official code computes the focal term: masks box by box
+    (:func:`_fgd_mask`), attention from explicit exponentials, the features multiplied by the
+    square roots of the teacher's attention and of each mask and compared by a summed MSE, the GC
+    blocks as matrix products (:func:`_gc_block`); every sum divided by N."""
+    if gt is None:
+        raise ValueError("straightforward_fgd needs the batch's ground truth (gt)")
+    losses = {}
+    temp = distiller.temperature
+    for level in distiller.in_features:
+        s = distiller.adapters[level](student[level])
+        t = teacher[level].detach()
+        n, c, h, w = t.shape
+        fg = torch.zeros(n, h, w)
+        for i, boxes in enumerate(gt.boxes):
+            ref_h, ref_w = (gt.padded_size if distiller.box_scaling == "padded"
+                            else gt.image_sizes[i])
+            fg[i] = _fgd_mask(boxes, h, w, ref_h, ref_w)
+        bg = (fg == 0).float()
+        for i in range(n):
+            if bg[i].sum() > 0:
+                bg[i] = bg[i] / bg[i].sum()
+        fg, bg = fg.to(t.device), bg.to(t.device)
+
+        def attention(x):
+            g_s = x.abs().mean(dim=1).reshape(n, -1) / temp
+            e_s = torch.exp(g_s - g_s.max(dim=1, keepdim=True).values)
+            a_s = h * w * e_s / e_s.sum(dim=1, keepdim=True)
+            g_c = x.abs().mean(dim=(2, 3)) / temp
+            e_c = torch.exp(g_c - g_c.max(dim=1, keepdim=True).values)
+            return a_s.reshape(n, h, w), c * e_c / e_c.sum(dim=1, keepdim=True)
+
+        s_sp, s_ch = attention(s)
+        t_sp, t_ch = attention(t)
+        scale = torch.sqrt(t_sp)[:, None] * torch.sqrt(t_ch)[:, :, None, None]
+        terms = {}
+        for name, mask in (("fg", fg), ("bg", bg)):
+            m = torch.sqrt(mask)[:, None]
+            terms[name] = F.mse_loss(s * scale * m, t * scale * m, reduction="sum") / n
+        terms["at"] = ((s_ch - t_ch).abs().sum() + (s_sp - t_sp).abs().sum()) / n
+        terms["gl"] = F.mse_loss(_gc_block(distiller.student_context[level], s),
+                                 _gc_block(distiller.teacher_context[level], t),
+                                 reduction="sum") / n
+        weights = {"fg": distiller.alpha, "bg": distiller.beta, "at": distiller.gamma,
+                   "gl": distiller.lambda_gl}
+        for name, value in terms.items():
+            losses[f"loss_fgd_{name}_{level}"] = weights[name] * value
+    return losses

@@ -9,12 +9,11 @@ from typing import Dict
 
 import torch
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
-from ..records import recorder_for
-from ..teacher import num_classes_of
+from ..layers.reference import plain_kl, plain_sigmoid, plain_softmax
+from .base import Distiller
 from .registry import register_distiller
 
 __all__ = ["KDDistiller", "sigmoid_kl", "softmax_kl", "FAMILY_LOGITS"]
@@ -57,7 +56,7 @@ def softmax_kl(student: Tensor, teacher: Tensor, num_classes: int,
 
 
 @register_distiller("KD")
-class KDDistiller(nn.Module):
+class KDDistiller(Distiller):
     r"""Temperature KD between the dense logits of student and teacher, on all anchors.
 
     What is distilled, chosen by the student's family (its meta-architecture's recorder):
@@ -91,6 +90,28 @@ class KDDistiller(nn.Module):
     """
 
     loss_weight_keys = {"loss_kd": "MODEL.DISTILL.KD.WEIGHT"}
+
+    @classmethod
+    def add_config(cls, node) -> None:
+        # KD on every anchor of the dense logits, teacher and student of the same family: dense
+        # students distil their class logits, Faster R-CNN students their RPN objectness logits
+        # (their only logits defined on every anchor; the RoI class logits of two networks belong
+        # to differently sampled proposals). L = WEIGHT * T^2 * mean over all anchors of the KL.
+        #
+        # Not a published value (no paper fixes one for dense-logit KD on these detectors). 1.0,
+        # the plain KL: being a mean over all anchors (most of them background, with near-zero
+        # KL), the loss is small next to a focal loss normalised by the positives, so it guides
+        # rather than overrides the detection loss; sweep it with
+        # `tools/benchmark.py gain --variant`.
+        node.WEIGHT = 1.0
+        # Temperature T (Hinton's; T^2 keeps the gradient size). 1.0: the teacher's own
+        # probabilities. Not a published detection value: focal-loss heads put most anchors near
+        # 0, and T > 1 would pull all of them towards 0.5.
+        node.TEMPERATURE = 1.0
+        # "sigmoid": sum over the K classes of Bernoulli KLs per anchor (heads trained with
+        # sigmoid / focal losses: RetinaNet, FCOS, the RPN); "softmax": one categorical KL over
+        # the K classes per anchor (heads trained with a softmax; needs K >= 2, so not the RPN).
+        node.ACTIVATION = "sigmoid"
 
     @configurable
     def __init__(
@@ -131,18 +152,17 @@ class KDDistiller(nn.Module):
         self.required_outputs = {"student": (field,), "teacher": (field,)}
 
     @classmethod
-    def from_config(cls, cfg, student_shapes, teacher_shapes):
-        arch = cfg.MODEL.META_ARCHITECTURE
-        family = recorder_for(META_ARCH_REGISTRY.get(arch)).family
+    def from_config(cls, cfg, student, teacher):
+        family = student.family
         if family not in FAMILY_LOGITS:
             raise ValueError(
                 f"MODEL.DISTILL.METHODS 'KD' distils the class logits of dense detectors or the "
-                f"RPN objectness of R-CNNs; the student {arch} is a {family!r} detector. Use a "
-                "feature method (MIMIC, PKD, CSGR) for it")
+                f"RPN objectness of R-CNNs; the student {student.name} is a {family!r} detector. "
+                "Use a feature method (MIMIC, PKD, CSGR) for it")
         c = cfg.MODEL.DISTILL.KD
         return {
             "field": FAMILY_LOGITS[family],
-            "classes_per_anchor": num_classes_of(cfg) if family == "dense" else 1,
+            "classes_per_anchor": student.num_classes if family == "dense" else 1,
             "weight": c.WEIGHT,
             "temperature": c.TEMPERATURE,
             "activation": c.ACTIVATION,
@@ -165,6 +185,10 @@ class KDDistiller(nn.Module):
             return sigmoid_kl(student, teacher, self.temperature).sum()
         return softmax_kl(student, teacher, self.classes_per_anchor, self.temperature).sum()
 
+    def reference_losses(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
+        """:func:`straightforward_kd`."""
+        return straightforward_kd(self, student, teacher, gt_instances)
+
     def forward(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
         """``(DetectorOutputs, DetectorOutputs, list[Instances]) -> {"loss_kd_<level>": ...}``,
         which sum to ``weight * T^2 * mean over anchors of KL_a``. ``gt_instances`` is unused."""
@@ -184,3 +208,31 @@ class KDDistiller(nn.Module):
         scale = self.weight * self.temperature ** 2 / max(num_anchors, 1)
         return {f"loss_kd_{level}": scale * self.anchor_kl(s, t_levels[level].detach())
                 for level, s in s_levels.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# straightforward reference (Distiller.reference_losses; tools/benchmark.py kernels)
+# ------------------------------------------------------------------------------------------------
+def straightforward_kd(distiller, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
+    """KD on every anchor: explicit sigmoid (Bernoulli KL per logit) or softmax (KL over the K
+    classes of an anchor) probabilities at temperature T, the mean over all anchors of all
+    levels times ``T^2`` and the weight, each level's share returned under its name."""
+    t_ = distiller.temperature
+    s_levels = distiller.level_logits(student, "student")
+    t_levels = distiller.level_logits(teacher, "teacher")
+    k = distiller.classes_per_anchor
+    sums, anchors = {}, 0
+    for level, s in s_levels.items():
+        t = t_levels[level].detach()
+        n, ak, h, w = s.shape
+        s = s.permute(0, 2, 3, 1).reshape(-1, ak // k, k) / t_
+        t = t.permute(0, 2, 3, 1).reshape(-1, ak // k, k) / t_
+        if distiller.activation == "sigmoid":
+            p, q = plain_sigmoid(t), plain_sigmoid(s)
+            kl = (plain_kl(p[..., None], q[..., None]) + plain_kl(1 - p[..., None], 1 - q[..., None]))
+        else:
+            kl = plain_kl(plain_softmax(t), plain_softmax(s))
+        sums[level] = kl.sum()
+        anchors += n * (ak // k) * h * w
+    scale = distiller.weight * t_ * t_ / anchors
+    return {f"loss_kd_{level}": scale * v for level, v in sums.items()}

@@ -21,17 +21,19 @@ log q_s,b)`` with ``p_t = softmax(t / tau)`` (no gradient), ``q_s = softmax(s / 
   ``KD_NORMALIZER "level"``: each level's sum divided by that level's positives, the levels
   summed (the released heads); ``"all"``: the sum over all levels divided by all positives.
 """
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
 from detectron2.layers import cat
-from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 from torchvision.ops import box_area, box_iou
 
+from ..layers.reference import plain_iou, plain_kl, plain_sigmoid, plain_softmax
+from ..modeling.distribution_retinanet import DistributionRetinaNet
+from .base import Distiller, Variant
 from .registry import register_distiller
 
 __all__ = ["LDDistiller", "bin_kl", "vlr_region", "pairwise_diou", "SOFTMAX_OVER",
@@ -125,7 +127,7 @@ VLR_DIOUS = ("paper", "released")
 
 
 @register_distiller("LD")
-class LDDistiller(nn.Module):
+class LDDistiller(Distiller):
     """LD's main LD, VLR LD and main KD (module docstring), between two
     ``DistributionRetinaNet`` s with the same anchors and bins. LD has no parameters."""
 
@@ -135,6 +137,50 @@ class LDDistiller(nn.Module):
     loss_weight_keys = {"loss_ld_vlr": "MODEL.DISTILL.LD.VLR_WEIGHT",
                         "loss_ld_kd": "MODEL.DISTILL.LD.KD_WEIGHT",
                         "loss_ld": "MODEL.DISTILL.LD.LD_WEIGHT"}
+    benchmark_variants = {
+        "CSGR+LD": Variant(("MODEL.DISTILL.METHODS", ("CSGR", "LD")), parts=("gain",)),
+        "FGD+LD": Variant(("MODEL.DISTILL.METHODS", ("FGD", "LD")), parts=("gain",)),
+    }
+
+    @classmethod
+    def add_config(cls, node) -> None:
+        # Defaults: the GFL recipe (the paper's and the released LDHead's;
+        # configs/LD-RetinaNet-R50-GFL-recipe.yaml); configs/LD-RetinaNet-R50.yaml sets the
+        # released RetinaNet recipe (LDRetinaHead, configs/ld/ld_retina_r50_1x.py there).
+        #
+        # Main-region LD on the student's positives (released configs, GFL recipe: weight 0.25,
+        # T 10; RetinaNet recipe: 5, T 10). Divided by 4 (released code's avg_factor in both
+        # heads).
+        node.LD_WEIGHT = 0.25
+        node.LD_TEMPERATURE = 10.0
+        # The softmax of both LD terms: "side", one per box side over its REG_MAX + 1 bins, the
+        # KLs of the 4 sides summed (paper, released GFL head); "anchor", one over an anchor's
+        # 4 (REG_MAX + 1) logits (released RetinaNet head).
+        node.SOFTMAX_OVER = "side"
+        # Valuable-localization-region LD, same temperature (GFL recipe 0.25 with the positives;
+        # RetinaNet recipe 0.03 x 5 = 0.15 without them). Its normaliser is the released code's:
+        # 16 in the GFL head, 4 in the RetinaNet head.
+        node.VLR_WEIGHT = 0.25
+        node.VLR_EXCLUDE_POSITIVES = False
+        node.VLR_NORMALIZER = 16.0
+        # ATSS candidates per level and GT (9), and the DIoU band's lower factor [0.25 t_g, t_g)
+        # (released assigners).
+        node.VLR_TOPK = 9
+        node.VLR_LOW = 0.25
+        # The band's DIoU: "paper", the true DIoU (the paper's definition); "released", what the
+        # released helper computes (intersection over the anchor's area, not the union, minus
+        # the distance term: its bbox_overlaps 'diou' mode keeps area1 as the union). Ours: the
+        # paper's, the released one being a bug of that call; the two regions share only 37 % of
+        # the true one on RetinaNet anchors (docs/methods/LD.md).
+        node.VLR_DIOU = "paper"
+        # Main KD on the positives' class logits (GFL recipe: weight 10, T 2; RetinaNet recipe:
+        # 10, T 8). KD_NORMALIZER "level": each FPN level's sum divided by that level's
+        # positives, the levels summed (released code, both heads); "all": the sum over all
+        # levels divided by all positives (this project's formula before 2026-12-05; about 1/L
+        # of "level" when the positives spread over L levels).
+        node.KD_WEIGHT = 10.0
+        node.KD_TEMPERATURE = 2.0
+        node.KD_NORMALIZER = "level"
 
     @configurable
     def __init__(self, *, num_classes: int, reg_max: int, ld_weight: float,
@@ -181,32 +227,27 @@ class LDDistiller(nn.Module):
         self.kd_normalizer, self.vlr_diou = kd_normalizer, vlr_diou
 
     @classmethod
-    def from_config(cls, cfg, student_shapes, teacher_shapes):
-        from ..meta_arch.distribution_retinanet import DistributionRetinaNet
-        from ..teacher import build_teacher_cfg
-
-        for role, c in (("student", cfg), ("teacher", build_teacher_cfg(cfg))):
-            arch = c.MODEL.META_ARCHITECTURE
-            if not issubclass(META_ARCH_REGISTRY.get(arch), DistributionRetinaNet):
+    def from_config(cls, cfg, student, teacher):
+        for role, spec in (("student", student), ("teacher", teacher)):
+            if not issubclass(spec.model_type, DistributionRetinaNet):
                 raise ValueError(
                     f"MODEL.DISTILL.METHODS 'LD' distils box-side distributions: the {role} must "
-                    f"be a DistributionRetinaNet (or DistillDistributionRetinaNet), not {arch}. "
-                    "Use configs/teachers/RetinaNet-Dist-R101-SODA10M.yaml and "
+                    f"be a DistributionRetinaNet (or DistillDistributionRetinaNet), not "
+                    f"{spec.name}. Use configs/teachers/RetinaNet-Dist-R101-SODA10M.yaml and "
                     "configs/LD-RetinaNet-R50.yaml (or drop LD)")
-        tcfg = build_teacher_cfg(cfg)
-        for key in ("REG_MAX",):
-            if cfg.MODEL.RETINANET[key] != tcfg.MODEL.RETINANET[key]:
-                raise ValueError(
-                    f"LD: MODEL.RETINANET.{key} is {cfg.MODEL.RETINANET[key]} in the student and "
-                    f"{tcfg.MODEL.RETINANET[key]} in the teacher; LD compares the distributions "
-                    "bin by bin: use the same value")
+        scfg, tcfg = student.cfg, teacher.cfg
+        if scfg.MODEL.RETINANET.REG_MAX != tcfg.MODEL.RETINANET.REG_MAX:
+            raise ValueError(
+                f"LD: MODEL.RETINANET.REG_MAX is {scfg.MODEL.RETINANET.REG_MAX} in the student and "
+                f"{tcfg.MODEL.RETINANET.REG_MAX} in the teacher; LD compares the distributions "
+                "bin by bin: use the same value")
         for key in ("SIZES", "ASPECT_RATIOS"):
-            if cfg.MODEL.ANCHOR_GENERATOR[key] != tcfg.MODEL.ANCHOR_GENERATOR[key]:
+            if scfg.MODEL.ANCHOR_GENERATOR[key] != tcfg.MODEL.ANCHOR_GENERATOR[key]:
                 raise ValueError(
                     f"LD: MODEL.ANCHOR_GENERATOR.{key} differs between student and teacher; LD "
                     "pairs the two heads anchor by anchor: give the teacher the student's anchors")
         c = cfg.MODEL.DISTILL.LD
-        return {"num_classes": cfg.MODEL.RETINANET.NUM_CLASSES,
+        return {"num_classes": student.num_classes,
                 "reg_max": cfg.MODEL.RETINANET.REG_MAX, "ld_weight": c.LD_WEIGHT,
                 "ld_temperature": c.LD_TEMPERATURE, "vlr_weight": c.VLR_WEIGHT,
                 "vlr_exclude_positives": c.VLR_EXCLUDE_POSITIVES, "vlr_topk": c.VLR_TOPK,
@@ -234,6 +275,10 @@ class LDDistiller(nn.Module):
         device = out.cls_logits[0].device
         return torch.repeat_interleave(torch.arange(len(sizes), device=device),
                                        torch.tensor(sizes, device=device))
+
+    def reference_losses(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
+        """:func:`straightforward_ld`."""
+        return straightforward_ld(self, student, teacher, gt_instances)
 
     def forward(self, student, teacher, gt_instances) -> Dict[str, Tensor]:
         """``(DetectorOutputs, DetectorOutputs, list[Instances]) -> {"loss_ld", "loss_ld_vlr",
@@ -314,3 +359,104 @@ class LDDistiller(nn.Module):
         m = s_box.shape[0]
         return bin_kl(s_box.reshape(-1, self.bins), t_box.reshape(-1, self.bins),
                       self.ld_temperature).reshape(m, 4).sum(dim=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# straightforward reference (Distiller.reference_losses; tools/benchmark.py kernels)
+# ------------------------------------------------------------------------------------------------
+def _plain_bin_kl(s: Tensor, t: Tensor, tau: float) -> Tensor:
+    """``tau^2 mean_b p_b (log p_b - log q_b)`` over the last axis, explicit softmaxes."""
+    p, q = plain_softmax(t.detach() / tau), plain_softmax(s / tau)
+    return plain_kl(p, q) / p.shape[-1] * tau * tau
+
+
+def _plain_vlr_region(anchors: List[Tensor], gt: Tensor, topk: int, low: float, diou: str = "paper"):
+    """LD's VLR of one image, GT by GT: ATSS candidates per level by centre distance, threshold
+    mean + unbiased std of their IoUs, the DIoU band ``[low t, t)`` (``diou "released"``: the
+    intersection over the anchor's area in place of the IoU); an anchor claimed by several GTs
+    keeps the largest IoU. ``(in_region [R] bool, iou [R])``."""
+    all_anchors = torch.cat(anchors)
+    best = torch.full((all_anchors.shape[0],), -1.0, device=all_anchors.device)
+    centres = (all_anchors[:, :2] + all_anchors[:, 2:]) / 2
+    for g in gt:
+        iou = plain_iou(g, all_anchors)
+        c = (g[:2] + g[2:]) / 2
+        candidates, start = [], 0
+        for level in anchors:
+            dist = ((centres[start:start + len(level)] - c) ** 2).sum(-1).sqrt()
+            candidates.append(dist.argsort()[:min(topk, len(level))] + start)
+            start += len(level)
+        cand_iou = iou[torch.cat(candidates)]
+        t = cand_iou.mean() + (cand_iou.std() if len(cand_iou) > 1 else 0.0)
+        enclosing = (torch.maximum(g[2:], all_anchors[:, 2:])
+                     - torch.minimum(g[:2], all_anchors[:, :2])) ** 2
+        overlap = iou
+        if diou == "released":
+            inter = (torch.minimum(g[2:], all_anchors[:, 2:])
+                     - torch.maximum(g[:2], all_anchors[:, :2])).clamp_min(0).prod(-1)
+            overlap = inter / (all_anchors[:, 2:] - all_anchors[:, :2]).prod(-1)
+        d = overlap - ((centres - c) ** 2).sum(-1) / enclosing.sum(-1).clamp_min(1e-12)
+        band = (d >= low * t) & (d < t)
+        best = torch.where(band & (iou > best), iou, best)
+    in_region = best >= 0
+    return in_region, torch.where(in_region, best, torch.zeros_like(best))
+
+
+def straightforward_ld(distiller, student, teacher, gt_instances) -> Dict[str, Tensor]:
+    """docs/methods/LD.md written plainly, level by level as the released heads: the heads'
+    outputs laid out per anchor, main LD on the student's positives weighted by its max class
+    score (/ 4), VLR LD weighted by the claiming GT's IoU (/ ``vlr_normalizer``), the KL per side
+    summed over the sides or one KL over the anchor's ``4 (n + 1)`` logits
+    (``softmax_over``); main KD over the positives' classes, each level by its own positives
+    (``kd_normalizer "level"``) or all levels by all positives (``"all"``)."""
+    k, b = distiller.num_classes, distiller.bins
+
+    def per_level(rec):
+        cls = [x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, k) for x in rec.cls_logits]
+        box = [x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, 4 * b) for x in rec.box_deltas]
+        return cls, box
+
+    def box_kl(s: Tensor, t: Tensor) -> Tensor:  # [..., 4 b] -> [...]
+        if distiller.softmax_over == "anchor":
+            return _plain_bin_kl(s, t, distiller.ld_temperature)
+        shape = s.shape[:-1] + (4, b)
+        return _plain_bin_kl(s.reshape(shape), t.reshape(shape), distiller.ld_temperature).sum(-1)
+
+    s_cls, s_box = per_level(student)
+    t_cls, t_box = per_level(teacher)
+    sizes = [x.shape[1] for x in s_cls]
+    labels = torch.stack(student.anchor_labels).split(sizes, dim=1)
+    regions = []
+    if distiller.vlr_weight > 0:
+        anchors = [a.tensor for a in student.anchors]
+        for i, inst in enumerate(gt_instances):
+            region, iou = _plain_vlr_region(anchors, inst.gt_boxes.tensor, distiller.vlr_topk,
+                                     distiller.vlr_low, distiller.vlr_diou)
+            regions.append((region, iou))
+    ld = vlr = kd_level = kd_all = 0.0
+    num_pos = 0
+    for level in range(len(sizes)):
+        pos = (labels[level] >= 0) & (labels[level] != k)
+        num_pos += int(pos.sum())
+        sc, tc, sb, tb = s_cls[level], t_cls[level], s_box[level], t_box[level]
+        score = plain_sigmoid(sc[pos].detach()).max(dim=-1).values
+        ld = ld + (box_kl(sb[pos], tb[pos]) * score).sum() / 4
+        kd = _plain_bin_kl(sc[pos], tc[pos], distiller.kd_temperature).sum()
+        kd_all = kd_all + kd
+        kd_level = kd_level + kd / max(int(pos.sum()), 1)
+        start = sum(sizes[:level])
+        for i, (region, iou) in enumerate(regions):
+            r = region[start:start + sizes[level]]
+            if distiller.vlr_exclude_positives:
+                r = r & ~pos[i]
+            v = iou[start:start + sizes[level]][r]
+            vlr = vlr + (box_kl(sb[i][r], tb[i][r]) * v).sum() / distiller.vlr_normalizer
+    out = {}
+    if distiller.ld_weight > 0:
+        out["loss_ld"] = distiller.ld_weight * ld
+    if distiller.vlr_weight > 0:
+        out["loss_ld_vlr"] = distiller.vlr_weight * vlr
+    if distiller.kd_weight > 0:
+        kd = kd_level if distiller.kd_normalizer == "level" else kd_all / max(num_pos, 1)
+        out["loss_ld_kd"] = distiller.kd_weight * kd
+    return out

@@ -11,7 +11,7 @@ from detectron2.config import configurable
 from torch import Tensor
 from torch.nn import functional as F
 
-from .level_pairs import LevelPairDistiller
+from .level_pairs import LevelPairDistiller, channels_of
 from .registry import register_distiller
 
 __all__ = ["MIMICDistiller"]
@@ -36,10 +36,20 @@ class MIMICDistiller(LevelPairDistiller):
     level pairing, adapters and checks are shared.
     """
 
-    #: ``MODEL.DISTILL.<config_node>`` holds WEIGHT and IN_FEATURES
-    config_node = "MIMIC"
     #: losses are named ``<loss_prefix>_<level>``
     loss_prefix = "loss_mimic"
+
+    @classmethod
+    def add_config(cls, node) -> None:
+        # Not a published value: no paper fixes one for whole-map FPN mimicking on these detectors
+        # (FitNets trains a classifier stage-wise with 1/2 ||.||^2; Li et al. mimic RPN-region
+        # features with their own weight). The loss here is a mean, independent of image size,
+        # batch and channel count, so 1.0 makes each level's term the mean squared feature
+        # difference, of the order of the detection losses for FPN maps of unit-order values;
+        # sweep it with `tools/benchmark.py gain --variant`.
+        node.WEIGHT = 1.0
+        # Levels distilled (present in both networks with equal strides); R-CNN configs: p2-p5.
+        node.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
 
     @configurable
     def __init__(self, *, in_features: List[str], student_channels: Dict[str, int],
@@ -56,11 +66,11 @@ class MIMICDistiller(LevelPairDistiller):
         self.loss_weight_keys = {self.loss_prefix: f"MODEL.DISTILL.{self.config_node}.WEIGHT"}
 
     @classmethod
-    def from_config(cls, cfg, student_shapes, teacher_shapes):
+    def from_config(cls, cfg, student, teacher):
         node = cfg.MODEL.DISTILL[cls.config_node]
-        # strides and level provenance of the pair: checked by the meta-architecture
+        # strides and level provenance of the pair: checked by build_distillers
         return {"in_features": list(node.IN_FEATURES), "weight": node.WEIGHT,
-                **cls.channels_from_shapes(student_shapes, teacher_shapes)}
+                **channels_of(student, teacher)}
 
     def level_loss(self, s_feat: Tensor, t_feat: Tensor, level: str) -> Tensor:
         """Unweighted loss of one level: ``mean((r(S) - T)^2)``, a scalar.
@@ -70,9 +80,27 @@ class MIMICDistiller(LevelPairDistiller):
         """
         return F.mse_loss(self.adapters[level](s_feat), t_feat)
 
+    def reference_losses(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
+        """:func:`straightforward_mimic` on the two records' maps."""
+        return straightforward_mimic(self, student.features, teacher.features)
+
     def forward(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
         """``(DetectorOutputs, DetectorOutputs, list[Instances]) -> {loss name: weighted loss}``:
         ``<loss_prefix>_<level> = weight * level_loss`` for every level of ``in_features``.
         ``gt_instances`` is unused."""
         return {f"{self.loss_prefix}_{level}": self.weight * self.level_loss(s_feat, t_feat, level)
                 for level, s_feat, t_feat in self.level_pairs(student, teacher)}
+
+
+# ------------------------------------------------------------------------------------------------
+# straightforward reference (Distiller.reference_losses; tools/benchmark.py kernels)
+# ------------------------------------------------------------------------------------------------
+def straightforward_mimic(distiller, student: Dict[str, Tensor], teacher: Dict[str, Tensor],
+                          gt=None):
+    """MIMIC written plainly: per level, the summed squared difference of the adapted student
+    and the teacher map divided by its element count, times the weight."""
+    losses = {}
+    for level in distiller.in_features:
+        diff = distiller.adapters[level](student[level]) - teacher[level].detach()
+        losses[f"loss_mimic_{level}"] = distiller.weight * (diff ** 2).sum() / diff.numel()
+    return losses

@@ -3,6 +3,8 @@
 Cao et al., "PKD: General Distillation Framework for Object Detectors via Pearson Correlation
 Coefficient", NeurIPS 2022 (official code: mmrazor's ``PKDLoss``).
 """
+from typing import Dict
+
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -36,17 +38,56 @@ class PKDDistiller(MIMICDistiller):
     where ``S_hat`` standardises ``r(S)`` and ``T_hat`` standardises ``T`` channel by channel over
     (N, H, W) (:func:`pearson_loss`), ``r`` the 1x1 adapter when Cs != C (the paper's students and
     teachers share 256-channel FPNs; the adapter is this project's addition for narrower
-    students). ``weight`` is 6 in the paper's two-stage and RetinaNet-R50 2x configs (10 in the
-    RetinaNet X101 -> R50 one). This is MIMIC on standardised maps, halved: the level pairing,
+    students). ``weight`` is 6 in the released Faster R-CNN R101 -> R50 and Mask R-CNN Swin ->
+    RetinaNet R50 configs (10 in the RetinaNet X101 -> R50 one). This is MIMIC on standardised maps, halved: the level pairing,
     adapters and checks are MIMIC's. Returned per level as ``loss_pkd_<level>``.
 
     Unlike mmrazor, a level with a single value per channel (batch 1 at a 1x1 p7) gives 0, not
     NaN, and a grid mismatch is an error, not a bilinear resize: both see the same padded grid.
     """
 
-    config_node = "PKD"
     loss_prefix = "loss_pkd"
+
+    @classmethod
+    def add_config(cls, node) -> None:
+        # Published: 6 in the released (mmrazor) configs of Faster R-CNN R101 -> R50 and Mask
+        # R-CNN Swin -> RetinaNet R50 (the RetinaNet X101 -> R50 config uses 10).
+        node.WEIGHT = 6.0
+        # Levels distilled (present in both networks with equal strides); R-CNN configs: p2-p5.
+        # The released RetinaNet configs distil the neck's outputs 0-3 (p3-p6); ours adds p7
+        # (docs/methods/PKD.md).
+        node.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
 
     def level_loss(self, s_feat: Tensor, t_feat: Tensor, level: str) -> Tensor:
         """Unweighted ``pearson_loss(r(S), T)`` of one level, a scalar."""
         return pearson_loss(self.adapters[level](s_feat), t_feat)
+
+    def reference_losses(self, student, teacher, gt_instances=None):
+        """:func:`straightforward_pkd` (mmrazor's formulation) on the two records' maps."""
+        return straightforward_pkd(self, student.features, teacher.features)
+
+
+# ------------------------------------------------------------------------------------------------
+# straightforward reference (Distiller.reference_losses; tools/benchmark.py kernels)
+# ------------------------------------------------------------------------------------------------
+def _pkd_norm(feat: Tensor) -> Tensor:
+    """PKD's standardisation as its official code writes it (mmrazor ``PKDLoss.norm``): channels
+    first, flattened, ``torch.std`` (unbiased) per channel, ``+ 1e-6``. ``[N, C, H, W]``."""
+    n, c, h, w = feat.shape
+    flat = feat.permute(1, 0, 2, 3).reshape(c, -1)
+    mean = flat.mean(dim=-1, keepdim=True)
+    std = flat.std(dim=-1, keepdim=True)
+    return ((flat - mean) / (std + 1e-6)).reshape(c, n, h, w).permute(1, 0, 2, 3)
+
+
+def straightforward_pkd(distiller, student: Dict[str, Tensor], teacher: Dict[str, Tensor],
+                        gt=None):
+    """PKD as mmrazor's ``PKDLoss``: standardise both maps (:func:`_pkd_norm`, not the project's
+    ``channel_standardize``), ``F.mse_loss / 2`` per level, times the weight. Needs more than one
+    value per channel (mmrazor's std is NaN otherwise; the distiller gives 0 there)."""
+    losses = {}
+    for level in distiller.in_features:
+        s = _pkd_norm(distiller.adapters[level](student[level]))
+        t = _pkd_norm(teacher[level].detach())
+        losses[f"loss_pkd_{level}"] = distiller.weight * F.mse_loss(s, t) / 2
+    return losses

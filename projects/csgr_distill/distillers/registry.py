@@ -1,34 +1,47 @@
-"""DISTILLER_REGISTRY and the builder that turns ``MODEL.DISTILL.METHODS`` into modules."""
-from typing import Dict, List, Tuple
+"""DISTILLER_REGISTRY, and the builder that turns ``MODEL.DISTILL.METHODS`` into checked modules.
 
-from detectron2.layers import ShapeSpec
+:func:`register_distiller` registers a :class:`~csgr_distill.distillers.base.Distiller` under
+its name and its config section under ``MODEL.DISTILL.<NODE>`` (:func:`csgr_distill.config.
+register_method_config`), so that a method needs no edit outside its own file.
+:func:`build_distillers` builds the configured methods from the two detectors' specs and checks
+every pair problem a config can show; :func:`pair_problem` answers, from a student config
+alone, whether (and why not) its pair can be distilled -- the benchmarks and the tests' method
+matrix ask it instead of keeping lists of their own.
+"""
+from typing import Dict, List, Optional, Tuple
+
 from detectron2.utils.registry import Registry
 from torch import nn
 
+from ..config import register_method_config
+from ..records import DetectorSpec, check_level_pairs
+from ..teacher import build_teacher_cfg
+from .base import Distiller
+
+__all__ = ["DISTILLER_REGISTRY", "register_distiller", "registered_distillers", "fields_by_role",
+           "build_distillers", "pair_problem"]
+
 DISTILLER_REGISTRY = Registry("DISTILLER")
 DISTILLER_REGISTRY.__doc__ = """
-Registry for distillers: ``nn.Module`` s built as ``cls(cfg, student_shapes, teacher_shapes)``
-(use ``@configurable``) whose ``forward(student, teacher, gt_instances)`` takes two
-:class:`csgr_distill.outputs.DetectorOutputs` and the list of ground-truth ``Instances`` and
-returns a dict of named, already weighted losses. A distiller declares:
-
-* ``required_outputs``: the record fields it reads, either one tuple for both roles or a dict
-  ``{"student": (...), "teacher": (...)}`` (e.g. CSGR's ``teacher_head`` option reads class
-  logits of the teacher only); each role's recorder checks them at build time;
-* ``in_features`` (optional): the levels it pairs between student and teacher (checked to exist
-  in both with equal strides);
-* ``loss_weight_keys`` (optional): loss-name prefix -> the config key of its weight, named in the
-  error when such a loss becomes non-finite.
-
-The name used in ``MODEL.DISTILL.METHODS`` is the registered name (e.g. "CSGR").
+Registry for distillers: :class:`~csgr_distill.distillers.base.Distiller` subclasses, built as
+``cls(cfg, student_spec, teacher_spec)`` (``@configurable``). The name used in
+``MODEL.DISTILL.METHODS`` is the registered name (e.g. "CSGR").
 """
 
 
 def register_distiller(name: str):
-    """Class decorator: register a distiller under ``name`` (the value used in METHODS)."""
+    """Class decorator: register a :class:`Distiller` under ``name`` (the value used in
+    ``MODEL.DISTILL.METHODS``) and its config section ``MODEL.DISTILL.<config_node>``
+    (``config_node`` defaults to ``name.upper()``)."""
 
     def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Distiller)):
+            raise TypeError(f"register_distiller({name!r}): {cls!r} is not a Distiller subclass")
+        cls.name = name
+        if not cls.__dict__.get("config_node"):
+            cls.config_node = name.upper()
         DISTILLER_REGISTRY._do_register(name, cls)
+        register_method_config(cls.config_node, cls.add_config)
         return cls
 
     return deco
@@ -51,10 +64,15 @@ def fields_by_role(distiller) -> Dict[str, Tuple[str, ...]]:
     return {"student": tuple(req), "teacher": tuple(req)}
 
 
-def build_distillers(
-    cfg, student_shapes: Dict[str, ShapeSpec], teacher_shapes: Dict[str, ShapeSpec]
-) -> nn.ModuleDict:
-    """One distiller per name in ``cfg.MODEL.DISTILL.METHODS``, keyed by that name."""
+def build_distillers(cfg, student: DetectorSpec, teacher: DetectorSpec) -> nn.ModuleDict:
+    """One distiller per name in ``cfg.MODEL.DISTILL.METHODS``, keyed by that name, built from
+    the two detectors' specs; each checked: the record fields it reads per role are ones that
+    role's family records, and the levels it pairs exist in both with equal strides.
+
+    Raises:
+        KeyError: an unknown method. ValueError: a method listed twice, or a pair problem
+            (naming the method and the fix).
+    """
     methods = list(cfg.MODEL.DISTILL.METHODS)
     out = nn.ModuleDict()
     for name in methods:
@@ -65,5 +83,22 @@ def build_distillers(
             )
         if name in out:
             raise ValueError(f"MODEL.DISTILL.METHODS lists {name!r} twice: {methods}")
-        out[name] = DISTILLER_REGISTRY.get(name)(cfg, student_shapes, teacher_shapes)
+        distiller = DISTILLER_REGISTRY.get(name)(cfg, student, teacher)
+        who = f"MODEL.DISTILL.METHODS {name!r}"
+        for role, spec in (("student", student), ("teacher", teacher)):
+            spec.recorder.check_fields(fields_by_role(distiller)[role], role, who)
+        check_level_pairs(getattr(distiller, "in_features", ()), student, teacher, who)
+        out[name] = distiller
     return out
+
+
+def pair_problem(cfg) -> Optional[str]:
+    """Why the distillation that the student config ``cfg`` describes (its methods, its
+    teacher) cannot be built, or None when it can: the build-time checks of
+    :func:`build_distillers`, run on the specs of the two configs (no weights, no model)."""
+    try:
+        tcfg = build_teacher_cfg(cfg)
+        build_distillers(cfg, DetectorSpec.from_cfg(cfg), DetectorSpec.from_cfg(tcfg))
+    except (KeyError, ValueError) as e:
+        return str(e.args[0]) if e.args else type(e).__name__
+    return None

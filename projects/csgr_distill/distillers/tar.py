@@ -1,5 +1,5 @@
 """TAR: Distilling Object Detectors with Task Adaptive Regularization (Sun et al., arXiv
-2006.13108, 2020), as specified in ``shared/methods/TAR.md``. The paper has no public code.
+2006.13108, 2020; ``docs/methods/TAR.md``). The paper has no public code.
 
 Three terms, each with its own weight (a weight of 0 turns the term off and its records are
 not computed, so the feature term alone runs on any detector, e.g. RetinaNet):
@@ -27,7 +27,11 @@ from detectron2.structures.boxes import matched_pairwise_iou
 from torch import Tensor
 from torch.nn import functional as F
 
-from .level_pairs import LevelPairDistiller
+from ..config import decay_node
+from ..layers.reference import (GroundTruth, plain_box_decode, plain_box_encode, plain_iou,
+                               plain_kl, plain_softmax)
+from .base import Variant
+from .level_pairs import LevelPairDistiller, channels_of
 from .registry import register_distiller
 
 __all__ = ["TARDistiller", "gaussian_masks", "tar_cls_kd", "adaptive_regression_targets",
@@ -144,6 +148,64 @@ class TARDistiller(LevelPairDistiller):
     """TAR's three terms (module docstring). The feature term's adapters map the student's
     channels to the teacher's per level (:class:`LevelPairDistiller`)."""
 
+    #: the paper's ablation on Faster R-CNN (features, + class head, + regression head, each
+    #: without decay; "TAR" itself adds the decay) and CSGR with TAR's head terms
+    benchmark_variants = {
+        "TAR features, no decay": Variant(
+            ("MODEL.DISTILL.TAR.CLS_WEIGHT", 0.0, "MODEL.DISTILL.TAR.REG_WEIGHT", 0.0,
+             "MODEL.DISTILL.TAR.DECAY.TYPE", "none"), families=("rcnn",), parts=("gain",)),
+        "TAR features + cls, no decay": Variant(
+            ("MODEL.DISTILL.TAR.REG_WEIGHT", 0.0, "MODEL.DISTILL.TAR.DECAY.TYPE", "none"),
+            families=("rcnn",), parts=("gain",)),
+        "TAR features + cls + reg, no decay": Variant(
+            ("MODEL.DISTILL.TAR.DECAY.TYPE", "none"), families=("rcnn",), parts=("gain",)),
+        "CSGR+TAR heads": Variant(
+            ("MODEL.DISTILL.METHODS", ("CSGR", "TAR"), "MODEL.DISTILL.TAR.FEAT_WEIGHT", 0.0),
+            families=("rcnn",), parts=("gain",)),
+    }
+
+    @classmethod
+    def add_config(cls, node) -> None:
+        # The paper gives none of its loss weights or hyperparameters and has no public code:
+        # every value not marked "paper" is ours (docs/methods/TAR.md says how each was chosen).
+        # A weight of 0 turns its term off; configs/Base-RetinaNet-SODA10M.yaml (and the demo
+        # RetinaNets, which inherit it) turns the RoI terms off (a dense detector has no RoIs).
+        #
+        # Gaussian-mask feature imitation, per level sum M (r(S) - T)^2 / sum M (paper). The sum
+        # runs over the channels too, so a level's term is about C times a per-channel squared
+        # difference: 4e-3 ~ 1/256 makes it the mean squared difference inside the mask, MIMIC's
+        # scale (ours).
+        node.FEAT_WEIGHT = 4e-3
+        # sigma = SIGMA_SCALE x box size, in grid units (paper default: half the box size).
+        node.SIGMA_SCALE = 0.5
+        # Levels of the feature term (present in both networks with equal strides); R-CNN
+        # configs: p2-p5.
+        node.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+        # Classification-head KD on the shared RoIs, tau^2 KL(p_t || p_s) over K + 1 classes
+        # (paper). Weight 1: the scale of the box head's own cross-entropy (ours); tau 1 (the
+        # paper's start).
+        node.CLS_WEIGHT = 1.0
+        node.TEMPERATURE = 1.0
+        # Adaptive regression distillation on the positive shared RoIs (paper), divided by the
+        # positive count (paper), whereas the box head's own loss is divided by all sampled RoIs:
+        # with P positives of R RoIs, equal weights give the term R/P times that loss's gradient
+        # per positive (14-25x in the demo: 5-9 of 128). 0.1 (ours, paper value unknown): weight
+        # 1 made a demo Faster R-CNN student diverge at iteration ~80; 0.1 trained all three
+        # seeds and gained more (docs/methods/TAR.md). Smooth-L1 beta 1.0, Fast R-CNN's smooth
+        # L1 (the paper names smooth L1 without a beta; 0 gives L1).
+        node.REG_WEIGHT = 0.1
+        node.REG_BETA = 1.0
+        # The teacher's box is a target where its IoU with the matched GT beats the student's box
+        # ("student", paper default) or the RoI's own ("proposal").
+        node.REG_COMPARE = "student"
+        # Region proposal sharing: both box heads answer for the student's sampled RoIs
+        # ("student", paper default), the teacher's own RoIs sampled by its ROI heads
+        # ("teacher"), or both ("union"). "teacher" runs the student's box head a second time on
+        # the teacher's RoIs; "union" runs both heads a second time on all of them.
+        node.PROPOSALS = "student"
+        # TAR's distillation decay (paper): linear from 1 at iteration 0 to 0 at SOLVER.MAX_ITER.
+        node.DECAY = decay_node("linear")
+
     config_node = "TAR"
 
     @configurable
@@ -210,20 +272,20 @@ class TARDistiller(LevelPairDistiller):
         return {"student": tuple(student), "teacher": tuple(teacher)}
 
     @classmethod
-    def from_config(cls, cfg, student_shapes, teacher_shapes):
+    def from_config(cls, cfg, student, teacher):
         node = cfg.MODEL.DISTILL.TAR
         return {"in_features": list(node.IN_FEATURES), "feat_weight": node.FEAT_WEIGHT,
                 "sigma_scale": node.SIGMA_SCALE, "cls_weight": node.CLS_WEIGHT,
                 "temperature": node.TEMPERATURE, "reg_weight": node.REG_WEIGHT,
                 "reg_compare": node.REG_COMPARE, "reg_beta": node.REG_BETA,
                 "proposals": node.PROPOSALS,
-                **cls.channels_from_shapes(student_shapes, teacher_shapes)}
+                **channels_of(student, teacher)}
 
     # ---- the three terms -------------------------------------------------------------------
     def feature_losses(self, student, teacher, gt_instances) -> Dict[str, Tensor]:
         """``loss_tar_feat_<level> = FEAT_WEIGHT * sum M (r(S) - T)^2 / sum M`` (0 when the
         batch has no boxes)."""
-        boxes = [x.gt_boxes.tensor for x in gt_instances]
+        boxes = self.gt_boxes(gt_instances, len(student.image_sizes))
         out = {}
         for level, s_feat, t_feat in self.level_pairs(student, teacher):
             mask = gaussian_masks(boxes, s_feat.shape[-2:], student.padded_size,
@@ -317,6 +379,10 @@ class TARDistiller(LevelPairDistiller):
                 "positive": positive, "selected": selected,
             }
 
+    def reference_losses(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
+        """:func:`straightforward_tar_heads` (its feature term :func:`straightforward_tar`)."""
+        return straightforward_tar_heads(self, student, teacher, gt_instances)
+
     def forward(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
         """``(DetectorOutputs, DetectorOutputs, list[Instances]) -> {loss name: weighted
         loss}``: the feature term per level, ``loss_tar_cls`` and ``loss_tar_reg``, for the terms
@@ -342,3 +408,82 @@ def _roi_fields(rois: Sequence[Instances]) -> List[Instances]:
     return [Instances(r.image_size, proposal_boxes=r.proposal_boxes, gt_classes=r.gt_classes,
                       gt_boxes=Boxes(_gt_boxes(r))) for r in rois]
 
+
+# ------------------------------------------------------------------------------------------------
+# straightforward reference (Distiller.reference_losses; tools/benchmark.py kernels)
+# ------------------------------------------------------------------------------------------------
+def straightforward_tar(distiller, student: Dict[str, Tensor], teacher: Dict[str, Tensor],
+                        gt: "GroundTruth" = None):
+    """TAR.md's feature term written plainly: per image, per box a full Gaussian over the grid
+    from a meshgrid of cell centres, the mask as the running maximum, then ``sum M (r(S) - T)^2 /
+    sum M`` per level. (Its RoI terms read box-head outputs, not the maps this harness feeds.)"""
+    if gt is None:
+        raise ValueError("straightforward_tar needs the batch's ground truth (gt)")
+    losses = {}
+    for level in distiller.in_features:
+        s = distiller.adapters[level](student[level])
+        t = teacher[level].detach()
+        n, _, h, w = t.shape
+        ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        mask = torch.zeros(n, h, w)
+        for i, boxes in enumerate(gt.boxes):
+            for x1, y1, x2, y2 in boxes.tolist():
+                x1, x2 = x1 * w / gt.padded_size[1], x2 * w / gt.padded_size[1]
+                y1, y2 = y1 * h / gt.padded_size[0], y2 * h / gt.padded_size[0]
+                sx = max((x2 - x1) * distiller.sigma_scale, 1e-6)
+                sy = max((y2 - y1) * distiller.sigma_scale, 1e-6)
+                g = torch.exp(-((xs - (x1 + x2) / 2) ** 2 / (2 * sx * sx)
+                                + (ys - (y1 + y2) / 2) ** 2 / (2 * sy * sy)))
+                mask[i] = torch.maximum(mask[i], g)
+        mask = mask.to(t.device)[:, None]
+        value = ((s - t) ** 2 * mask).sum() / mask.sum().clamp_min(1e-12)
+        losses[f"loss_tar_feat_{level}"] = distiller.feat_weight * value
+    return losses
+
+
+def straightforward_tar_heads(distiller, student, teacher, gt_instances) -> Dict[str, Tensor]:
+    """TAR.md written plainly on Faster R-CNN records with the student's RoIs shared: the
+    feature term (:func:`~csgr_distill.benchmark.references.straightforward_tar`), the class KD
+    from explicit softmaxes averaged over RoIs, the regression term RoI by RoI: decode both
+    heads' boxes of the RoI's GT class, keep the positives whose teacher box has the larger IoU
+    with the GT, smooth-L1 to the teacher box re-encoded, summed, / positives."""
+    out = {}
+    if distiller.feat_weight > 0:
+        out.update(straightforward_tar(distiller, student.features, teacher.features,
+                                       GroundTruth.of(student, gt_instances)))
+    if not distiller.uses_rois:
+        return out
+    if distiller.proposals != "student":
+        raise ValueError("straightforward_tar_heads writes out the default PROPOSALS 'student'")
+    rois = student.rois
+    s_cls, s_deltas = student.roi_cls_logits, student.roi_box_deltas
+    t_cls, t_deltas = teacher.roi_head([r.proposal_boxes for r in rois])
+    tau = distiller.temperature
+    if distiller.cls_weight > 0:
+        kl = plain_kl(plain_softmax(t_cls.detach() / tau), plain_softmax(s_cls / tau))
+        out["loss_tar_cls"] = distiller.cls_weight * kl.mean() * tau * tau
+    if distiller.reg_weight > 0:
+        s_head, t_head = student.roi_head, teacher.roi_head
+        k = s_head.num_classes
+        proposals = torch.cat([r.proposal_boxes.tensor for r in rois])
+        gt_classes = torch.cat([r.gt_classes for r in rois])
+        gt_boxes = torch.cat([r.gt_boxes.tensor for r in rois])
+        positive = (gt_classes >= 0) & (gt_classes < k)
+        cls = gt_classes.clamp(0, k - 1)
+        rows = torch.arange(len(cls))
+
+        def class_deltas(d):
+            return d if d.shape[1] == 4 else d.reshape(len(d), -1, 4)[rows, cls]
+
+        st, tt = s_head.box_transform, t_head.box_transform
+        t_box = plain_box_decode(class_deltas(t_deltas.detach()), proposals, tt.weights, tt.scale_clamp)
+        s_box = plain_box_decode(class_deltas(s_deltas.detach()), proposals, st.weights, st.scale_clamp)
+        t_iou = plain_iou(t_box, gt_boxes)
+        o_iou = plain_iou(s_box if distiller.reg_compare == "student" else proposals, gt_boxes)
+        selected = positive & (t_iou > o_iou)
+        diff = (class_deltas(s_deltas) - plain_box_encode(t_box, proposals, st.weights))[selected]
+        beta = distiller.reg_beta
+        loss = torch.where(diff.abs() < beta, 0.5 * diff ** 2 / max(beta, 1e-12),
+                           diff.abs() - 0.5 * beta) if beta > 0 else diff.abs()
+        out["loss_tar_reg"] = distiller.reg_weight * loss.sum() / max(int(positive.sum()), 1)
+    return out

@@ -7,6 +7,7 @@ import os
 from typing import Dict, List, Optional
 
 import torch
+from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.utils import comm
 
@@ -16,6 +17,7 @@ from ..cli import debug_enabled, user_error_message
 from ..config import scale_schedule
 from ..data.checks import check_training_data
 from ..data.errors import check_datasets
+from ..detr_port.augmentation import detr_augmentations
 from ..evaluation import build_evaluator
 from ..export import write_student
 from ..inherit import INHERIT_KEY, changed_since, inherit_from_teacher, snapshot
@@ -256,9 +258,6 @@ class DistillTrainer(DefaultTrainer):
         augmentation (:func:`csgr_distill.detr_port.augmentation.detr_augmentations`)."""
         if not cfg.INPUT.get("DETR_AUGMENTATION", False):
             return super().build_train_loader(cfg)
-        from detectron2.data import DatasetMapper, build_detection_train_loader
-
-        from ..detr_port.augmentation import detr_augmentations
         mapper = DatasetMapper(cfg, is_train=True, augmentations=detr_augmentations(cfg))
         return build_detection_train_loader(cfg, mapper=mapper)
 

@@ -7,9 +7,13 @@ Nothing here is used in training. Two levels of "reference":
   ``[N*W, H, H]`` ``-inf`` diagonal tensor added on every call). Same parameters as
   :class:`~csgr_distill.layers.criss_cross.CrissCrossAttention`, so state dicts are interchangeable.
 * ``loop_*``: explicit Python loops over pixels / classes / channels, written for readability
-  (tiny tensors only).
+  (tiny tensors only);
+* ``plain_*``: textbook formulas (probabilities from explicit exponentials, IoUs and box coding
+  written out) shared by the methods' straightforward references
+  (:meth:`csgr_distill.distillers.Distiller.reference_losses`).
 """
 import math
+from typing import List, NamedTuple, Tuple
 
 import torch
 from torch import Tensor
@@ -24,6 +28,15 @@ __all__ = [
     "loop_criss_cross",
     "loop_channel_standardize",
     "loop_category_vectors",
+    "GroundTruth",
+    "plain_softmax",
+    "plain_sigmoid",
+    "plain_kl",
+    "plain_iou",
+    "plain_giou",
+    "plain_xyxy",
+    "plain_box_decode",
+    "plain_box_encode",
 ]
 
 
@@ -134,3 +147,81 @@ def loop_category_vectors(attn_logits: Tensor, feat: Tensor) -> Tensor:
                     acc += ex[p] / z * float(feat[b, ch, i, j])
                 out[b, k, ch] = acc
     return out.to(feat.dtype)
+
+# ------------------------------------------------------------------------------------------------
+# textbook formulas of the methods' straightforward references (``Distiller.reference_losses``)
+# ------------------------------------------------------------------------------------------------
+class GroundTruth(NamedTuple):
+    """The ground truth of a batch as the feature references read it: per image the boxes
+    ``[B_i, 4]`` (x1, y1, x2, y2 in input pixels), the resized image sizes ``(h, w)`` and the
+    padded batch size ``(H_in, W_in)``."""
+
+    boxes: List[Tensor]
+    image_sizes: List[Tuple[int, int]]
+    padded_size: Tuple[int, int]
+
+    @classmethod
+    def of(cls, record, gt_instances) -> "GroundTruth":
+        """From a record's sizes and the batch's ``Instances``."""
+        return cls([i.gt_boxes.tensor for i in gt_instances], list(record.image_sizes),
+                   tuple(record.padded_size))
+
+
+def plain_softmax(x: Tensor) -> Tensor:
+    """Softmax over the last axis from explicit exponentials."""
+    e = torch.exp(x - x.max(dim=-1, keepdim=True).values)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def plain_sigmoid(x: Tensor) -> Tensor:
+    """``1 / (1 + exp(-x))``."""
+    return 1.0 / (1.0 + torch.exp(-x))
+
+
+def plain_kl(p: Tensor, q: Tensor) -> Tensor:
+    """``sum p (log p - log q)`` over the last axis (``0 log 0 = 0``)."""
+    return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(dim=-1)
+
+
+def plain_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of boxes ``[..., 4]`` (x1, y1, x2, y2) that broadcast: ``plain_iou(a[:, None], b[None])``
+    is the ``[A, B]`` matrix, ``plain_iou(a, b)`` of ``[R, 4]`` pairs is ``[R]``."""
+    inter = (torch.minimum(a[..., 2:], b[..., 2:])
+             - torch.maximum(a[..., :2], b[..., :2])).clamp_min(0).prod(-1)
+    union = (a[..., 2:] - a[..., :2]).prod(-1) + (b[..., 2:] - b[..., :2]).prod(-1) - inter
+    return torch.where(inter > 0, inter / union, torch.zeros_like(inter))
+
+
+def plain_giou(a: Tensor, b: Tensor) -> Tensor:
+    """Generalised IoU of broadcasting boxes ``[..., 4]`` (as :func:`_iou`)."""
+    inter = (torch.minimum(a[..., 2:], b[..., 2:])
+             - torch.maximum(a[..., :2], b[..., :2])).clamp_min(0).prod(-1)
+    union = (a[..., 2:] - a[..., :2]).prod(-1) + (b[..., 2:] - b[..., :2]).prod(-1) - inter
+    hull = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])).prod(-1)
+    return inter / union - (hull - union) / hull
+
+
+def plain_xyxy(b: Tensor) -> Tensor:
+    """``[..., 4]`` (cx, cy, w, h) -> (x1, y1, x2, y2)."""
+    return torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], dim=-1)
+
+
+def plain_box_decode(deltas: Tensor, boxes: Tensor, weights, clamp: float) -> Tensor:
+    """Faster R-CNN's box decoding: ``[R, 4]`` deltas relative to ``[R, 4]`` boxes."""
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    cx, cy = boxes[:, 0] + w / 2, boxes[:, 1] + h / 2
+    dx, dy = deltas[:, 0] / weights[0], deltas[:, 1] / weights[1]
+    dw = (deltas[:, 2] / weights[2]).clamp(max=clamp)
+    dh = (deltas[:, 3] / weights[3]).clamp(max=clamp)
+    px, py, pw, ph = cx + dx * w, cy + dy * h, w * torch.exp(dw), h * torch.exp(dh)
+    return torch.stack([px - pw / 2, py - ph / 2, px + pw / 2, py + ph / 2], dim=1)
+
+
+def plain_box_encode(target: Tensor, boxes: Tensor, weights) -> Tensor:
+    """Faster R-CNN's box encoding: ``[R, 4]`` targets as deltas relative to ``[R, 4]`` boxes."""
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    cx, cy = boxes[:, 0] + w / 2, boxes[:, 1] + h / 2
+    tw, th = target[:, 2] - target[:, 0], target[:, 3] - target[:, 1]
+    tx, ty = target[:, 0] + tw / 2, target[:, 1] + th / 2
+    return torch.stack([weights[0] * (tx - cx) / w, weights[1] * (ty - cy) / h,
+                        weights[2] * torch.log(tw / w), weights[3] * torch.log(th / h)], dim=1)

@@ -37,7 +37,7 @@ from ..distillers import build_distillers
 from ..distillers.registry import fields_by_role
 from ..inherit import TeacherLayout, check_inheritable, teacher_layout
 from ..outputs import ROLES, DetectorOutputs
-from ..records import DetectorSpec, check_level_pairs, grid_multiple, pad_images, recorder_for
+from ..records import DetectorSpec, grid_multiple, pad_images, recorder_for
 from ..teacher import FrozenTeacher, build_teacher_cfg
 
 logger = logging.getLogger(__name__)
@@ -59,17 +59,13 @@ def distill_init_kwargs(cfg, model_type: type, backbone) -> dict:
         raise ValueError("MODEL.DISTILL.ENABLED is True but MODEL.DISTILL.METHODS is empty; "
                          "list registered distillers, e.g. ['CSGR'], or set ENABLED False")
     tcfg = build_teacher_cfg(cfg)
-    student = DetectorSpec.from_backbone(cfg.MODEL.META_ARCHITECTURE, model_type, backbone)
+    student = DetectorSpec.from_backbone(cfg, model_type, backbone)
     teacher = DetectorSpec.from_cfg(tcfg)
-    distillers = build_distillers(cfg, student.shapes, teacher.shapes)
+    distillers = build_distillers(cfg, student, teacher)
     fields = {role: set() for role in ROLES}
-    for name, d in distillers.items():
-        who = f"MODEL.DISTILL.METHODS {name!r}"
-        for role, spec in (("student", student), ("teacher", teacher)):
-            wanted = fields_by_role(d)[role]
-            spec.recorder.check_fields(wanted, role, who)
+    for d in distillers.values():
+        for role, wanted in fields_by_role(d).items():
             fields[role].update(wanted)
-        check_level_pairs(getattr(d, "in_features", ()), student, teacher, who)
     ret = {
         "distillers": distillers,
         "distill_cfg": cfg,
@@ -146,7 +142,7 @@ class DistillMixin:
         """Build (or take) the teacher and move it to the student's device."""
         if not self.distill_enabled:
             raise RuntimeError("attach_teacher() needs MODEL.DISTILL.ENABLED True")
-        teacher = teacher or FrozenTeacher.from_student_cfg(self._distill_cfg)
+        teacher = teacher or FrozenTeacher.from_teacher_cfg(self._teacher_spec.cfg)
         device = self.device
         teacher.apply(lambda t: t.to(device))
         self._teacher = teacher

@@ -23,13 +23,11 @@ recorder.
 """
 from typing import Dict, List, Optional, Tuple, Type
 
-from detectron2.layers import ShapeSpec
 from torch import nn
 
 from ..outputs import DetectorOutputs
 
-__all__ = ["Recorder", "register_recorder", "recorder_for", "registered_recorders",
-           "level_provenance"]
+__all__ = ["Recorder", "register_recorder", "recorder_for", "level_provenance"]
 
 #: fields every recorder fills
 COMMON_FIELDS = {
@@ -108,10 +106,6 @@ def register_recorder(cls: Type[Recorder]) -> Type[Recorder]:
     return cls
 
 
-def registered_recorders() -> List[Recorder]:
-    return list(_RECORDERS)
-
-
 def recorder_for(model_type: type) -> Recorder:
     """The recorder of a meta-architecture class (or of an instance's class)."""
     if not isinstance(model_type, type):
@@ -143,6 +137,3 @@ def level_provenance(backbone: nn.Module) -> Dict[str, str]:
         out[n] = f"{type(top).__name__} on {source}"
     return out
 
-
-def feature_strides(shapes: Dict[str, ShapeSpec]) -> Dict[str, Optional[int]]:
-    return {k: s.stride for k, s in shapes.items()}

@@ -2,7 +2,7 @@
 check a teacher/student pair and to make both see the same grid."""
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -11,6 +11,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 from torch.nn import functional as F
 
+from ..detectors import num_classes_of
 from .base import Recorder, level_provenance, recorder_for
 
 logger = logging.getLogger(__name__)
@@ -20,39 +21,66 @@ __all__ = ["DetectorSpec", "grid_multiple", "pad_images", "check_level_pairs"]
 
 @dataclass
 class DetectorSpec:
-    """A detector as its config describes it.
+    """A detector as its config describes it (built without weights; what distillers are built
+    from and pairs are checked against).
 
     Attributes:
-        name: the meta-architecture name (``cfg.MODEL.META_ARCHITECTURE``).
-        recorder: the family's recorder.
+        cfg: the detector's config.
+        model_type: its meta-architecture class.
+        recorder: its family's recorder.
         shapes: backbone level -> ShapeSpec (channels, stride).
         size_divisibility: the backbone pads each batch to a multiple of this (0/1: none).
         square_size: ViTDet-style square padding size (0: none).
         provenance: level -> how the backbone computes it (see ``level_provenance``).
     """
 
-    name: str
+    cfg: object
+    model_type: type
     recorder: Recorder
     shapes: Dict[str, ShapeSpec]
-    size_divisibility: int
-    square_size: int
-    provenance: Dict[str, str]
+    size_divisibility: int = 0
+    square_size: int = 0
+    provenance: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The meta-architecture name (``cfg.MODEL.META_ARCHITECTURE``)."""
+        return self.cfg.MODEL.META_ARCHITECTURE
+
+    @property
+    def family(self) -> str:
+        """``"dense"``, ``"rcnn"`` or ``"detr"``: its recorder's family."""
+        return self.recorder.family
+
+    @property
+    def num_classes(self) -> int:
+        """Its foreground class count (:func:`csgr_distill.detectors.num_classes_of`)."""
+        return num_classes_of(self.cfg)
 
     @classmethod
-    def from_backbone(cls, name: str, model_type: type, backbone) -> "DetectorSpec":
+    def from_backbone(cls, cfg, model_type: type, backbone) -> "DetectorSpec":
         constraints = dict(getattr(backbone, "padding_constraints", {}) or {})
         div = int(constraints.get("size_divisibility", backbone.size_divisibility) or 0)
-        return cls(name=name, recorder=recorder_for(model_type), shapes=backbone.output_shape(),
-                   size_divisibility=div, square_size=int(constraints.get("square_size", 0) or 0),
+        return cls(cfg=cfg, model_type=model_type, recorder=recorder_for(model_type),
+                   shapes=backbone.output_shape(), size_divisibility=div,
+                   square_size=int(constraints.get("square_size", 0) or 0),
                    provenance=level_provenance(backbone))
 
     @classmethod
     def from_cfg(cls, cfg) -> "DetectorSpec":
         """Built on the meta device: no memory, no weights, no checkpoint needed."""
-        name = cfg.MODEL.META_ARCHITECTURE
         with torch.device("meta"):
             backbone = build_backbone(cfg)
-        return cls.from_backbone(name, META_ARCH_REGISTRY.get(name), backbone)
+        return cls.from_backbone(cfg, META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE),
+                                 backbone)
+
+    @classmethod
+    def from_shapes(cls, cfg, shapes: Dict[str, ShapeSpec]) -> "DetectorSpec":
+        """A spec with given level shapes and no backbone (a distiller built on its own, e.g. in
+        ``tools/benchmark.py kernels`` or a test)."""
+        model_type = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        return cls(cfg=cfg, model_type=model_type, recorder=recorder_for(model_type),
+                   shapes=dict(shapes))
 
 
 def grid_multiple(student: DetectorSpec, teacher: DetectorSpec) -> int:
