@@ -136,6 +136,8 @@ def add_detr_config(cfg):
     """``MODEL.DETR``: the DETR family of ``csgr_distill.detr_port`` (in place). Defaults: the
     official DETR R50 recipe (Carion et al., ECCV 2020); configs/detr/ set Deformable DETR's."""
     d = cfg.MODEL.DETR = CN()
+    # foreground classes (COCO's 80; a checkpoint of the official 91-id head converts with
+    # tools/convert_detr_checkpoint.py --coco-to-contiguous)
     d.NUM_CLASSES = 80
     # backbone levels the transformer reads, by the backbone's names: DETR reads res5 only;
     # Deformable DETR res3-res5 (plus NUM_FEATURE_LEVELS - 3 levels made by strided convs)
