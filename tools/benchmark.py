@@ -44,9 +44,10 @@ def parse_args(argv=None):
     g.add_argument("--teacher-iters", type=int, default=None, help="default: its config (2000)")
     g.add_argument("--teacher-weights", default=None, help="reuse a trained demo teacher")
     g.add_argument("--methods", nargs="*", default=None,
-                   help="gain and overhead: labels to run besides the baseline / the student and "
-                        "floor (default: every registered method and the variants it declares "
-                        "that the pair supports; '--methods' alone: none, e.g. with --variant)")
+                   help="labels to run (gain: besides the baseline; overhead: besides the "
+                        "student and the floor; kernels: these only). Default: every registered "
+                        "method and the variants it declares that the pair supports; "
+                        "'--methods' alone: none (e.g. with --variant)")
     g.add_argument("--variant", action="append", default=[], metavar="'LABEL=KEY VALUE ...'",
                    help="an extra student run with these config overrides (repeatable), e.g. "
                         "--variant 'CSGR weights x4=MODEL.DISTILL.CSGR.ALPHA 2e-3 "
@@ -102,7 +103,7 @@ def main(argv=None):
         if part == "kernels":
             kernels.run(args.results, device=args.device, height=args.height or 800,
                         width=args.width or 1333, batch=args.batch, repeats=args.repeats or 5,
-                        command=command)
+                        command=command, methods=args.methods)
         elif part == "overhead":
             overhead.run(args.results, device=args.device, height=args.height or 512,
                          width=args.width or 640, batch=args.batch, repeats=args.repeats or 8,

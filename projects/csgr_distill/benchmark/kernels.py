@@ -231,7 +231,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333, batch: int = 2,
         channels: int = 256, num_classes: int = 6, repeats: int = 5, warmup: int = 1,
-        command: str = "") -> dict:
+        command: str = "", methods=None) -> dict:
+    """Compare every method's loss (and each variant it declares for ``kernels``; ``methods``:
+    only these labels) with its straightforward reference, and the criss-cross layer with the
+    naive one; write ``kernels.{json,md}`` into ``out_dir``."""
     sizes = fpn_shapes(height, width)
     padded = (math.ceil(height / 32) * 32, math.ceil(width / 32) * 32)
     g = torch.Generator().manual_seed(0)
@@ -245,6 +248,8 @@ def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333,
     gt_instances = [i.to(device) for i in gt_instances]
     rows: List[dict] = []
     for label, opts in method_variants("kernels").items():
+        if methods is not None and label not in methods:
+            continue
         name = opts[1][0]
         try:  # on a RetinaNet's p3-p7 maps
             distiller = _build(name, opts, channels, num_classes, device)
