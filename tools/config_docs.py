@@ -137,6 +137,15 @@ def render() -> str:
            "values: *paper*, *released code* (the authors'), or *ours* with how it was chosen. "
            "A method's keys are declared in its own file; [docs/extending.md](extending.md) "
            "says how to add one.", ""]
+    out += ["Values the project adds to detectron2's own keys:", "",
+            "* `SOLVER.CLIP_GRADIENTS.CLIP_TYPE \"full_model\"` clips the norm of *all* "
+            "gradients together to `CLIP_VALUE` (p = `NORM_TYPE`; FGD's protocol, the SODA10M "
+            "configs' default); detectron2's `\"norm\"` clips each parameter alone and "
+            "`\"value\"` each element. A plain student yaml exported from a `full_model` run "
+            "evaluates in plain detectron2; to train from it there, set `CLIP_TYPE` back to "
+            "`norm`.",
+            "* `SOLVER.STEPS` may be fractions of `SOLVER.MAX_ITER` (e.g. `(0.8, 0.95)`), so "
+            "that `MAX_ITER` alone changes the schedule ([own_data.md](own_data.md)).", ""]
     for title, intro, keys in sections():
         out += [f"## {title}", "", intro, "", "| key | default | meaning |", "|---|---|---|"]
         for key, comment in keys:
