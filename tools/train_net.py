@@ -51,7 +51,7 @@ from csgr_distill.data import add_dataset_arguments, register_from_cfg
 from csgr_distill.data.errors import check_datasets
 from csgr_distill.engine import DistillTrainer
 from csgr_distill.engine.checks import check_device, check_output_dir, check_processes
-from csgr_distill.export import StudentCheckpointer
+from csgr_distill.export import StudentCheckpointer, without_distillation
 from csgr_distill.evaluation.teacher_check import read_metric, teacher_check
 
 
@@ -73,15 +73,6 @@ def setup(args):
     return cfg
 
 
-def eval_cfg(cfg):
-    """``cfg`` with distillation off: the student alone, as evaluation needs it."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.DISTILL.ENABLED = False
-    cfg.freeze()
-    return cfg
-
-
 def strict_json(value):
     """``value`` with every NaN/inf float as None, so ``json.dump(allow_nan=False)`` writes
     strict JSON (``null``; COCO's AP of a size no object has, e.g. APl on shapes, is NaN)."""
@@ -97,7 +88,7 @@ def strict_json(value):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        cfg = eval_cfg(cfg)
+        cfg = without_distillation(cfg)  # the student alone, as evaluation needs it
         check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
         model = DistillTrainer.build_model(cfg)
         StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR, what="MODEL.WEIGHTS").resume_or_load(

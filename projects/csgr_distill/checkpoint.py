@@ -40,6 +40,7 @@ __all__ = [
     "CheckedCheckpointer",
     "CheckpointFileError",
     "LoadReport",
+    "RecordingCheckpointer",
     "atomic_open",
     "describe_unreadable",
     "load_weights_strictly",
@@ -277,10 +278,13 @@ class _PopRecorder(dict):
         return value
 
 
-class _RecordingCheckpointer(CheckedCheckpointer):
+class RecordingCheckpointer(CheckedCheckpointer):
     """DetectionCheckpointer (all its formats and key heuristics; a file that is not a checkpoint
-    refused in one message) that keeps the incompatibilities and what was loaded: the checkpoint's
-    own key names, the state dict as loaded, its author."""
+    refused in one message) that keeps, after its last load, the incompatibilities
+    (``incompatible.missing_keys``, ``unexpected_keys``, ``incorrect_shapes``) and what was
+    loaded: the checkpoint's own key names, the state dict as loaded, its author. Used by
+    :func:`load_weights_strictly` and by ``tools/visualize.py`` (which distillers a checkpoint
+    holds)."""
 
     incompatible = None
     original_keys: frozenset = frozenset()
@@ -335,7 +339,7 @@ def load_weights_strictly(model: nn.Module, weights: str, what: str = "teacher")
             "teacher yaml) to a trained checkpoint; a random teacher teaches nothing."
         )
     key = " (MODEL.DISTILL.TEACHER.WEIGHTS)" if what == "teacher" else ""
-    checkpointer = _RecordingCheckpointer(model, what=f"The {what} checkpoint{key}")
+    checkpointer = RecordingCheckpointer(model, what=f"The {what} checkpoint{key}")
     plain = urlparse(weights)._replace(query="").geturl()  # as DetectionCheckpointer.load
     if "://" in plain:
         try:
@@ -400,7 +404,7 @@ def load_weights_strictly(model: nn.Module, weights: str, what: str = "teacher")
     )
 
 
-def _student_checkpoint(checkpointer: _RecordingCheckpointer) -> str:
+def _student_checkpoint(checkpointer: RecordingCheckpointer) -> str:
     """``"a distillation run's checkpoint (...)"`` when the checkpoint just read is a student's:
     it holds distiller tensors, or :mod:`csgr_distill.export` wrote it; else ``""``."""
     distillers = [k for k in checkpointer.original_keys if k.startswith("distillers.")]

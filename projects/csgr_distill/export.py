@@ -38,6 +38,7 @@ __all__ = [
     "write_student",
     "export_student",
     "StudentCheckpointer",
+    "without_distillation",
     "TORCHSCRIPT_ARCHITECTURES",
     "check_torchscript_supported",
     "export_torchscript",
@@ -148,6 +149,17 @@ def export_student(checkpoint: str, output: str, cfg: Optional[CfgNode] = None
                                 "output/<run>/model_final.pth)")
     loaded = read_checkpoint(checkpoint, "--checkpoint")
     return write_student(loaded.get("model", loaded), output, cfg)
+
+
+def without_distillation(cfg: CfgNode) -> CfgNode:
+    """A frozen copy of ``cfg`` with ``MODEL.DISTILL.ENABLED False``: the student alone (no
+    distillers, nothing of the teacher read), into which :class:`StudentCheckpointer` loads a
+    distillation checkpoint."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DISTILL.ENABLED = False
+    cfg.freeze()
+    return cfg
 
 
 class StudentCheckpointer(CheckedCheckpointer):

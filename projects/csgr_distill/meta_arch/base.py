@@ -42,7 +42,7 @@ from ..teacher import FrozenTeacher, build_teacher_cfg
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistillMixin", "distill_init_kwargs"]
+__all__ = ["DistillMixin", "distill_init_kwargs", "in_channel_order"]
 
 #: a distillation loss this many times the detection losses gets a warning naming its weight key
 DOMINANCE_WARNING = 1e4
@@ -77,6 +77,18 @@ def distill_init_kwargs(cfg, model_type: type, backbone) -> dict:
         # checked against the student's neck/head in __init__ (csgr_distill.inherit)
         ret["inherit_layout"] = teacher_layout(tcfg, cfg.MODEL.DISTILL.TEACHER.CONFIG)
     return ret
+
+
+def in_channel_order(batched_inputs: List[dict], have: str, want: str) -> List[dict]:
+    """``batched_inputs`` (images ``[3, H, W]`` in the channel order ``have``, an INPUT.FORMAT)
+    in the channel order ``want``: the same list when they are equal, the channels flipped for
+    RGB <-> BGR; a ValueError for any other pair (checked earlier, when the student is built)."""
+    if have == want:
+        return batched_inputs
+    if {have, want} != {"RGB", "BGR"}:
+        raise ValueError(f"INPUT.FORMAT {want} cannot be derived from INPUT.FORMAT {have} (only "
+                         "RGB <-> BGR)")
+    return [dict(x, image=x["image"].flip(0)) for x in batched_inputs]
 
 
 class DistillMixin:
@@ -224,13 +236,8 @@ class DistillMixin:
     def teacher_inputs(self, batched_inputs: List[dict]) -> List[dict]:
         """The batch in the teacher's channel order (its INPUT.FORMAT, RGB or BGR): what the
         teacher's own ``forward`` takes (e.g. to draw its predictions)."""
-        teacher = self.teacher.model
-        if teacher.input_format == self.input_format:
-            return batched_inputs
-        if {teacher.input_format, self.input_format} != {"RGB", "BGR"}:
-            raise ValueError(f"Teacher INPUT.FORMAT {teacher.input_format} cannot be derived "
-                             f"from the student's {self.input_format}")
-        return [dict(x, image=x["image"].flip(0)) for x in batched_inputs]
+        return in_channel_order(batched_inputs, self.input_format,
+                                self.teacher.model.input_format)
 
     def teacher_images(self, batched_inputs: List[dict], padded_size=None):
         """The batch as the teacher's backbone expects it: its channel order and pixel
