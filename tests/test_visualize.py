@@ -1,8 +1,12 @@
 """tools/visualize.py: each model's best detections are drawn even when every score is below the
 model's own test threshold, with the rule on the panel; baseline configs; no teacher weights
-needed for the student; images picked by name or index; files named after the images."""
+needed for the student; images picked by name or index; files named after the images; a
+method's pictures found by its name (csgr_distill.vis.<method in lower case>), no table."""
+import importlib.abc
+import importlib.util
 import os
 import sys
+import types
 
 import cv2
 import pytest
@@ -10,7 +14,9 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.structures import Boxes, Instances
 
-from csgr_distill.vis import rule_text, top_detections
+from csgr_distill.meta_arch.base import in_channel_order
+from csgr_distill.outputs import DetectorOutputs
+from csgr_distill.vis import PictureInputs, pictures_for, rule_text, top_detections
 from tiny import REPO, TINY_VAL, make_teacher, student_cfg, write_model
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -29,7 +35,8 @@ def models(tmp_path_factory, tiny_shapes):
     base.MODEL.DISTILL.ENABLED = False
     baseline_yaml = tmp / "baseline.yaml"
     baseline_yaml.write_text(base.dump())
-    return {"tmp": tmp, "csgr": csgr_yaml, "baseline": str(baseline_yaml), "weights": weights}
+    return {"tmp": tmp, "csgr": csgr_yaml, "baseline": str(baseline_yaml), "weights": weights,
+            "teacher": (teacher_yaml, teacher_weights)}
 
 
 class Spy:
@@ -134,3 +141,79 @@ def test_top_detections_and_rule():
     assert kept.scores.tolist() == pytest.approx([0.5, 0.3])
     assert top_detections(inst, 0, 0.02).scores.tolist() == pytest.approx([0.5, 0.3, 0.04, 0.02])
     assert rule_text(10, 0.05) == "top 10 ≥ 0.05" and rule_text(0, 0.4) == "all ≥ 0.4"
+
+
+def test_a_methods_pictures_are_found_by_its_name(models, tmp_path, monkeypatch, capsys):
+    """MIMIC has no pictures; a module put at csgr_distill.vis.mimic is all it takes for
+    visualize.py to draw them (nothing lists the methods with pictures)."""
+    assert pictures_for("MIMIC") is None
+    yaml_path, weights, _ = write_model(tmp_path, student_cfg(tmp_path, *models["teacher"],
+                                                              methods=("MIMIC",)), "mimic")
+    calls = []
+
+    def pictures(pic, distiller):
+        calls.append((pic, distiller))
+        path = pic.stem_path + "_mimic_marker.txt"
+        with open(path, "w") as f:
+            f.write(distiller.name)
+        return [path]
+
+    module = types.ModuleType("csgr_distill.vis.mimic")
+    module.pictures = pictures
+    monkeypatch.setitem(sys.modules, "csgr_distill.vis.mimic", module)
+    written = visualize.main(["--config-file", yaml_path, "--weights", weights, "--output",
+                              str(tmp_path / "vis"), "--num-images", "1"])
+    marker = str(tmp_path / "vis" / f"{_stem(0)}_mimic_marker.txt")
+    assert _names(written) == [f"{_stem(0)}_detections.png", f"{_stem(0)}_mimic_marker.txt"]
+    assert open(marker).read() == "MIMIC"
+    (pic, distiller), = calls
+    assert isinstance(pic, PictureInputs) and pic.level == "p3" and pic.stride == 8
+    assert isinstance(pic.student, DetectorOutputs) and isinstance(pic.teacher, DetectorOutputs)
+    assert pic.teacher.features["p3"].shape[1] == 32  # the teacher's own record (32 channels)
+    assert "no method pictures" not in capsys.readouterr().out
+
+    monkeypatch.delitem(sys.modules, "csgr_distill.vis.mimic")
+    written = visualize.main(["--config-file", yaml_path, "--weights", weights, "--output",
+                              str(tmp_path / "vis2"), "--num-images", "1"])
+    assert _names(written) == [f"{_stem(0)}_detections.png"]
+    assert "note: no method pictures for ['MIMIC']" in capsys.readouterr().out
+
+
+class _BrokenPictures(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds csgr_distill.vis.broken, a module that imports a package that is not installed."""
+
+    def find_spec(self, name, path, target=None):
+        if name == "csgr_distill.vis.broken":
+            return importlib.util.spec_from_loader(name, self)
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        import a_package_that_is_not_installed  # noqa: F401
+
+
+def test_pictures_for_a_missing_module_is_none_and_a_broken_one_is_an_error(monkeypatch):
+    assert pictures_for("CSGR").__module__ == "csgr_distill.vis.csgr"
+    assert pictures_for("DETRDistill").__module__ == "csgr_distill.vis.detrdistill"
+    assert pictures_for("KD") is None and pictures_for("NoSuchMethod") is None
+    monkeypatch.setattr(sys, "meta_path", [_BrokenPictures()] + sys.meta_path)
+    with pytest.raises(ModuleNotFoundError, match="a_package_that_is_not_installed"):
+        pictures_for("Broken")
+    monkeypatch.setitem(sys.modules, "csgr_distill.vis.nopictures",
+                        types.ModuleType("csgr_distill.vis.nopictures"))
+    with pytest.raises(TypeError, match="defines no function pictures"):
+        pictures_for("NoPictures")
+
+
+def test_the_teacher_panel_gets_the_teachers_channel_order():
+    """tools/visualize.py and DistillMixin.teacher_inputs share one RGB <-> BGR flip."""
+    image = torch.arange(12.0).reshape(3, 2, 2)
+    batch = [{"image": image, "height": 2, "width": 2}]
+    assert in_channel_order(batch, "BGR", "BGR") is batch
+    flipped, = in_channel_order(batch, "BGR", "RGB")
+    assert torch.equal(flipped["image"], image[[2, 1, 0]]) and flipped["height"] == 2
+    assert torch.equal(batch[0]["image"], image)  # the student's batch is left as it was
+    with pytest.raises(ValueError, match="INPUT.FORMAT L cannot be derived from INPUT.FORMAT RGB"):
+        in_channel_order(batch, "RGB", "L")

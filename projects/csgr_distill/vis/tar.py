@@ -1,5 +1,7 @@
-"""Drawing region-level distillation (TAR's shared RoIs): which regions both heads answered for,
-their boxes and class distributions, and which ones the adaptive regression rule selected."""
+"""TAR's pictures: its Gaussian mask and the masked feature difference on one level, and, on
+Faster R-CNN, the shared RoIs: which regions both heads answered for, their boxes and class
+distributions, and which ones the adaptive regression rule selected
+(:mod:`csgr_distill.vis.pictures`)."""
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -8,7 +10,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-__all__ = ["pick_rois", "draw_shared_rois"]
+from ..distillers.tar import gaussian_masks
+from .attention import grid, labelled
+from .pictures import PictureInputs, save_rgb
+
+__all__ = ["pictures", "pick_rois", "draw_shared_rois"]
 
 
 def pick_rois(details: Dict[str, torch.Tensor], image: int = 0, selected: int = 3,
@@ -86,3 +92,25 @@ def draw_shared_rois(rgb: np.ndarray, details: Dict[str, torch.Tensor], class_na
     fig.tight_layout()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def pictures(pic: PictureInputs, tar) -> List[str]:
+    """TAR's feature weights on one level (``<stem>_tar_gaussian_masks.png``: the Gaussian mask
+    with the ground-truth boxes, and the masked squared difference ``M * sum_c (r(S) - T)^2``
+    it penalises) and, when its head terms are on, the shared RoIs
+    (``<stem>_tar_shared_rois.png``, :func:`draw_shared_rois`)."""
+    level = pic.level
+    s_feat, t_feat = pic.student.features[level], pic.teacher.features[level]
+    with torch.no_grad():
+        mask = gaussian_masks([pic.gt_instances[0].gt_boxes.tensor], s_feat.shape[-2:],
+                              pic.student.padded_size, tar.sigma_scale)[0]
+        diff = ((tar.adapters[level](s_feat) - t_feat) ** 2).sum(1)[0]
+    tiles = [labelled(pic.with_gt_boxes(pic.heat(mask, smooth=False)), f"Gaussian mask {level}"),
+             labelled(pic.heat(mask * diff, smooth=False), f"mask x diff^2 {level}")]
+    written = [save_rgb(pic.stem_path + "_tar_gaussian_masks.png", grid(tiles, cols=2))]
+    if tar.uses_rois:
+        details = {k: v.cpu() for k, v in tar.roi_details(pic.student, pic.teacher).items()}
+        names = list(pic.metadata.thing_classes) + ["background"]
+        written.append(save_rgb(pic.stem_path + "_tar_shared_rois.png", draw_shared_rois(
+            pic.rgb, details, names, scale=pic.display_scale, proposals_from=tar.proposals)))
+    return written

@@ -1,6 +1,6 @@
-"""Drawing localization distillation (LD): which anchors its main and VLR terms distil, and the
-teacher's and the student's distributions over one box's side distances."""
-from typing import Dict, Tuple
+"""LD's pictures: which anchors its main and VLR terms distil, and the teacher's and the
+student's distributions over one box's side distances (:mod:`csgr_distill.vis.pictures`)."""
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -8,7 +8,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-__all__ = ["draw_ld_regions", "chosen_anchor"]
+from .pictures import PictureInputs, save_rgb
+
+__all__ = ["pictures", "draw_ld_regions", "chosen_anchor"]
 
 SIDES = ("left", "top", "right", "bottom")
 
@@ -82,3 +84,15 @@ def draw_ld_regions(rgb: np.ndarray, details: Dict[str, torch.Tensor],
     fig.tight_layout()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def pictures(pic: PictureInputs, ld) -> List[str]:
+    """LD's regions and one box's distributions (``<stem>_ld_regions.png``,
+    :func:`draw_ld_regions`; the ground truth's side distances from the student's box
+    transform)."""
+    details = {k: v.cpu() for k, v in
+               ld.region_details(pic.student, pic.teacher, pic.gt_instances).items()}
+    details["side_targets"] = pic.model.box2box_transform.side_targets(
+        details["anchors"], details["gt_boxes"])
+    return [save_rgb(pic.stem_path + "_ld_regions.png", draw_ld_regions(
+        pic.rgb, details, pic.gt_instances[0].gt_boxes.tensor, pic.display_scale))]
