@@ -55,8 +55,8 @@ class FakeTrainNet:
             with open(os.path.join(out, "eval_results.json"), "w") as f:
                 json.dump({"bbox": bbox}, f)
         else:
-            kind = ("teacher" if config in (gain.TEACHER_CFG, gain.DETECTORS["rcnn"][0])
-                    else "student")
+            teachers = {gain.TEACHER_CFG} | {t for t, _, _ in gain.DETECTORS.values()}
+            kind = "teacher" if config in teachers else "student"
             self.calls[-1] = (kind, config, out, args)
             iters = int(kv.get("SOLVER.MAX_ITER", 2000 if kind == "teacher" else 600))
             every = int(kv.get("SOLVER.CHECKPOINT_PERIOD", 100000))  # the demo configs'
@@ -504,3 +504,36 @@ def test_generated_shapes_runs_keep_their_keys(tmp_path, fake):
     _run(tmp_path)
     for final in (tmp_path / "work").rglob("final.json"):
         assert "data" not in json.loads(final.read_text())["key_material"], final
+
+
+def test_detr_pairs_start_from_the_retinanet_pairs_resnets(tmp_path, fake):
+    """--detector deformable-detr: the RetinaNet pair's teacher and seed-0 baseline student are
+    trained (or read from the cache) first; the DETR teacher starts from the former's ResNet,
+    every DETR student (each seed, distilled or not) from the latter's (MODEL.BACKBONE_WEIGHTS);
+    a second invocation trains nothing, and changed backbone weights retrain what starts from
+    them."""
+    _run(tmp_path, detector="deformable-detr", methods=["DETRDistill"], seeds=2)
+    trained = [c for c in fake.calls if c[0] != "eval"]
+    retina_teacher, retina_baseline = trained[0], trained[1]
+    assert retina_teacher[1] == gain.TEACHER_CFG and retina_baseline[1] == gain.STUDENT_CFG
+    assert "MODEL.BACKBONE_WEIGHTS" not in retina_teacher[3] + retina_baseline[3]
+    t_weights = os.path.join(retina_teacher[2], "model_final.pth")
+    s_weights = os.path.join(retina_baseline[2], "model_final.pth")
+
+    def backbone(call):
+        args = call[3]
+        return args[len(args) - 1 - args[::-1].index("MODEL.BACKBONE_WEIGHTS") + 1]
+
+    detr_teacher, *detr_students = trained[2:]
+    assert detr_teacher[1] == gain.DETECTORS["deformable-detr"][0]
+    assert backbone(detr_teacher) == t_weights
+    assert len(detr_students) == 4  # baseline and DETRDistill, seeds 0 and 1
+    assert {backbone(c) for c in detr_students} == {s_weights}
+    n = len(fake.calls)
+    again = _run(tmp_path, detector="deformable-detr", methods=["DETRDistill"], seeds=2)
+    assert len(fake.calls) == n and all(all(v) for v in _cached(again).values())
+    with open(s_weights, "wb") as f:  # another baseline R18: the DETR students retrain
+        f.write(b"other weights")
+    _run(tmp_path, detector="deformable-detr", methods=["DETRDistill"], seeds=2)
+    retrained = [c for c in fake.calls[n:] if c[0] != "eval"]
+    assert [c[1] for c in retrained] == [gain.DETECTORS["deformable-detr"][1]] * 4

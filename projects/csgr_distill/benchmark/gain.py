@@ -74,6 +74,12 @@ DETECTORS = {
                         "teacher Deformable DETR R18 (3 encoder layers, FFN 512, 3.3x the "
                         "iterations), students Deformable DETR R18 (d_model 128, 2 + 2 layers)"),
 }
+#: ``--detector`` -> the pair whose trained models give its ResNets (``MODEL.BACKBONE_WEIGHTS``):
+#: a DETR is never trained from a random backbone in practice, and from scratch the demo DETRs
+#: learn next to nothing in a CPU budget (docs/results/detr-shapes.md). The teacher starts from
+#: that pair's teacher's R18, every student (distilled or not, every seed) from its seed-0
+#: baseline student's R18: one initialisation for all students.
+BACKBONES_FROM = {"detr": "retinanet", "deformable-detr": "retinanet"}
 BASELINE = "baseline (no distillation)"
 METRICS = ("AP", "AP50", "AP75")
 def method_runs(selected: Optional[List[str]] = None,
@@ -356,6 +362,8 @@ def _config_text(cfg) -> str:
     cfg.defrost()
     cfg.OUTPUT_DIR = ""
     cfg.MODEL.DISTILL.TEACHER.WEIGHTS = ""
+    if cfg.MODEL.get("BACKBONE_WEIGHTS", ""):
+        cfg.MODEL.BACKBONE_WEIGHTS = "<keyed by the sha1 of its bytes>"
     return cfg.dump()
 
 
@@ -396,10 +404,13 @@ def teacher_cfg(opts: List, config: Optional[str] = None):
 
 
 def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: str,
-                  data_opts: Sequence[str] = (), config: Optional[str] = None) -> dict:
+                  data_opts: Sequence[str] = (), config: Optional[str] = None,
+                  backbone: Optional[str] = None) -> dict:
     """The teacher: trained here (``iters``, None: its config's) unless ``weights`` are given, and
     evaluated; both steps are cached under keys (module docstring). ``data_opts``: the data
-    overrides of every run (:func:`csgr_distill.data.pipeline_overrides`).
+    overrides of every run (:func:`csgr_distill.data.pipeline_overrides`); ``backbone``: a
+    checkpoint whose ResNet starts the teacher's (``MODEL.BACKBONE_WEIGHTS``, keyed by the sha1
+    of its bytes).
 
     Returns {"AP", "AP50", "AP75": float, "weights": path, "weights_sha1": str, "iters": int or
     None (given weights), "given": bool, "cached": bool (nothing was trained or evaluated now),
@@ -410,11 +421,15 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: 
             "resumed_from": []}
     if not weights:
         opts = list(data_opts) + ["DATASETS.TEST", "()"] + _schedule(iters)
+        if backbone:
+            opts += ["MODEL.BACKBONE_WEIGHTS", backbone]
         config = config or TEACHER_CFG
         cfg = teacher_cfg(opts, config)
         material = _with_data({"run": "teacher", "iters": int(cfg.SOLVER.MAX_ITER),
                                "overrides": _opts_str(opts), "config": _config_text(cfg),
                                "code": code, "libraries": libraries()}, cfg, ("TRAIN",))
+        if backbone:
+            material["backbone_weights_sha1"] = file_sha1(backbone)
         tdir = os.path.join(out, f"teacher-{cache_key(material)}")
         weights = os.path.join(tdir, "model_final.pth")
         stored = _load_cached(tdir, material)
@@ -469,10 +484,13 @@ def student_material(base_cfg, run_opts: List, opts: List, seed: int, iters: int
         keyed.MODEL.DISTILL.TEACHER.WEIGHTS = ""  # -> the teacher yaml's own MODEL.WEIGHTS
         used_teacher = {"weights_sha1": teacher["weights_sha1"], "iters": teacher["iters"],
                         "config": _config_text(build_teacher_cfg(keyed))}
-    return _with_data({"run": "student", "iters": iters, "seed": seed,
-                       "eval_points": eval_points, "overrides": _opts_str(opts),
-                       "config": _config_text(cfg), "teacher": used_teacher, "code": code,
-                       "libraries": libraries()}, cfg, ("TRAIN", "TEST"))
+    material = _with_data({"run": "student", "iters": iters, "seed": seed,
+                           "eval_points": eval_points, "overrides": _opts_str(opts),
+                           "config": _config_text(cfg), "teacher": used_teacher, "code": code,
+                           "libraries": libraries()}, cfg, ("TRAIN", "TEST"))
+    if cfg.MODEL.get("BACKBONE_WEIGHTS", ""):
+        material["backbone_weights_sha1"] = file_sha1(cfg.MODEL.BACKBONE_WEIGHTS)
+    return material
 
 
 def _folder(label: str) -> str:
@@ -481,19 +499,22 @@ def _folder(label: str) -> str:
 
 def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iters: int,
                 eval_points: int, code: str, base_cfg=None, data_opts: Sequence[str] = (),
-                config: Optional[str] = None) -> dict:
+                config: Optional[str] = None, backbone: Optional[str] = None) -> dict:
     """One student run of ``iters`` iterations under the ``teacher`` of :func:`train_teacher`,
     from the cache (``<out>/runs/<label>/seed<seed>-<key>/final.json``) when its key material
     matches, else trained now.
 
+    ``backbone``: a checkpoint whose ResNet starts the student's (``MODEL.BACKBONE_WEIGHTS``).
+
     Returns {"final": {AP, AP50, AP75}, "curve": [(iteration, {AP, AP50, AP75}), ...], "seed",
-    "label", "iters", "key": str, "cached": bool, "resumed_from": [iteration, ...]}.
+    "label", "iters", "key": str, "cached": bool, "resumed_from": [iteration, ...], "weights":
+    the run's final checkpoint}.
     """
     config = config or STUDENT_CFG
     base_cfg = base_cfg if base_cfg is not None else student_cfg(data_opts, config)
     run_opts = (_opts_str(data_opts) + ["SEED", seed, "TEST.EVAL_PERIOD", max(1, iters // eval_points),
                  "MODEL.DISTILL.TEACHER.WEIGHTS", teacher["weights"]] + _schedule(iters)
-                + _opts_str(opts))
+                + (["MODEL.BACKBONE_WEIGHTS", backbone] if backbone else []) + _opts_str(opts))
     material = student_material(base_cfg, run_opts, opts, seed, iters, eval_points, teacher, code)
     key = cache_key(material)
     rdir = os.path.join(out, "runs", _folder(label), f"seed{seed}-{key}")
@@ -502,7 +523,8 @@ def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iter
         # the final point of runs stored before curve_point was at iters + 1
         curve = [(curve_point(it - 1, iters), c) for it, c in result["curve"]]
         return dict(result, curve=curve, cached=True,
-                    resumed_from=result.get("resumed_from", []))
+                    resumed_from=result.get("resumed_from", []),
+                    weights=os.path.join(rdir, "model_final.pth"))
     resumed = _train_resumable(config, run_opts, rdir, iters)
     curve = _read_curve(os.path.join(rdir, "metrics.json"), iters)
     if resumed:
@@ -512,7 +534,7 @@ def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iter
     result = {"final": curve[-1][1], "curve": curve, "seed": seed, "label": label,
               "iters": iters, "key": key, "resumed_from": resumed}
     _store(rdir, material, result)
-    return dict(result, cached=False)
+    return dict(result, cached=False, weights=os.path.join(rdir, "model_final.pth"))
 
 
 def _mean_std(xs: List[float]) -> Tuple[float, float]:
@@ -688,6 +710,30 @@ def results_name(train_set: str, detector: str, iters: int, default_iters: int, 
     return section, "".join("_" + t for t in tags)
 
 
+def pretrained_backbones(detector: str, work_dir: str, code: str, data_opts: Sequence[str],
+                         eval_points: int, progress=print) -> Optional[Dict[str, str]]:
+    """``{"teacher": checkpoint, "student": checkpoint}`` whose ResNets start the ``detector``
+    pair's teacher and students (:data:`BACKBONES_FROM`): the source pair's teacher and its
+    seed-0 baseline student at their configs' iterations, trained now or read from the cache
+    like every other run (the same runs as that pair's own table, so they are shared). None for
+    a pair trained from its configs' own initialisation."""
+    source = BACKBONES_FROM.get(detector)
+    if source is None:
+        return None
+    t_config, s_config, _ = DETECTORS[source]
+    progress(f"[gain] backbones from the {source} pair: its teacher ({t_config}) and seed-0 "
+             "baseline student")
+    teacher = train_teacher(work_dir, None, None, code, data_opts, t_config)
+    base = student_cfg(data_opts, s_config)
+    student = run_student(work_dir, BASELINE, ["MODEL.DISTILL.ENABLED", False], 0, teacher,
+                          int(base.SOLVER.MAX_ITER), eval_points, code, base, data_opts,
+                          s_config)
+    progress(f"[gain] backbones: teacher AP {teacher['AP']:.2f}"
+             + (" (cached)" if teacher["cached"] else "") + f", baseline student AP "
+             f"{student['final']['AP']:.2f}" + (" (cached)" if student["cached"] else ""))
+    return {"teacher": teacher["weights"], "student": student["weights"]}
+
+
 def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None,
         teacher_iters: Optional[int] = None, teacher_weights: Optional[str] = None,
         methods: Optional[List[str]] = None, variants: Optional[Dict[str, List]] = None,
@@ -719,8 +765,10 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
     train_set, test_set = base.DATASETS.TRAIN[0], base.DATASETS.TEST[0]
     work_dir = os.path.abspath(work_dir)
     code = code_version()
+    backbones = pretrained_backbones(detector, work_dir, code, data_opts, eval_points, progress)
     progress(f"[gain] teacher ({t_config})")
-    teacher = train_teacher(work_dir, teacher_iters, teacher_weights, code, data_opts, t_config)
+    teacher = train_teacher(work_dir, teacher_iters, teacher_weights, code, data_opts, t_config,
+                            backbones["teacher"] if backbones else None)
     progress(f"[gain] teacher AP {teacher['AP']:.2f}" + (" (cached)" if teacher["cached"] else "")
              + f": {teacher_note(teacher)}")
     iters = iters or int(base.SOLVER.MAX_ITER)
@@ -728,7 +776,7 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
     for seed in range(first_seed, first_seed + seeds):
         for label, opts in plan.items():
             r = run_student(work_dir, label, opts, seed, teacher, iters, eval_points, code, base,
-                            data_opts, s_config)
+                            data_opts, s_config, backbones["student"] if backbones else None)
             runs[label].append(r)
             progress(f"[gain] seed {seed} {label}: AP {r['final']['AP']:.2f}"
                      + (" (no detections: AP 0 in the table)" if detected_nothing(r["final"])
@@ -736,7 +784,9 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
                      + (" (cached)" if r["cached"] else "")
                      + (f" ({resumed_text(r['resumed_from'])})" if r["resumed_from"] else ""))
             if check_teacher and seed == first_seed and label == BASELINE:
-                checked = teacher_check(base, baseline_ap=r["final"]["AP"],
+                named = base.clone()  # the message names the teacher these runs use
+                named.MODEL.DISTILL.TEACHER.WEIGHTS = teacher["weights"]
+                checked = teacher_check(named, baseline_ap=r["final"]["AP"],
                                         teacher_ap=teacher["AP"], dataset_name=test_set)
                 progress(f"[gain] teacher check: teacher AP {teacher['AP']:.2f}, baseline "
                          f"{r['final']['AP']:.2f}: " + ("the teacher beats the baseline"
