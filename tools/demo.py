@@ -173,18 +173,12 @@ class Progress:
 
 def run_tool(args, log_path):
     """Run a project tool in a subprocess: its whole output to ``log_path``, its progress lines
-    to the console as they come (``csgr_distill.cli.run_logged``). A failure raises ``CliError``
-    with the tool's own ``error:`` message (else the log's last lines) and the log's path."""
-    from csgr_distill.cli import CliError, run_logged
+    to the console as they come; a failure is a ``CliError`` with the tool's own ``error:``
+    message and the log's path (:func:`csgr_distill.cli.run_tool`)."""
+    from csgr_distill.cli import run_tool as run
 
-    code = run_logged([sys.executable] + list(args), os.path.join(REPO, log_path), cwd=REPO)
-    if code != 0:
-        with open(os.path.join(REPO, log_path)) as f:
-            lines = f.read().splitlines()
-        errors = [ln for ln in lines if ln.startswith("error: ")]
-        said = ("\n".join(e[len("error: "):] for e in errors) if errors
-                else "its log ends with:\n" + "\n".join(lines[-30:]))
-        raise CliError(f"{args[0]} failed (exit code {code}): {said}\n(whole output: {log_path})")
+    run([sys.executable] + list(args), os.path.join(REPO, log_path), cwd=REPO,
+        name=args[0])
 
 
 def train(config, run_dir, opts, root=DEFAULT_ROOT):

@@ -67,6 +67,7 @@ __all__ = [
     "add_debug_argument",
     "check_file",
     "load_config",
+    "run_tool",
     "debug_enabled",
     "parse_args_anywhere",
     "progress_line",
@@ -378,3 +379,20 @@ def load_config(config_file: str, opts: Sequence[str] = (), register: Sequence[s
     if register_datasets:
         register_from_cfg(cfg)
     return apply_derived_keys(cfg, check_steps=check_steps)
+
+
+def run_tool(cmd: Sequence[str], log_path: str, cwd: Optional[str] = None,
+             name: Optional[str] = None) -> None:
+    """Run a project tool (:func:`run_logged`: its whole output to ``log_path``, its progress
+    lines to the console). A failure raises :class:`CliError` with the tool's own ``error:``
+    lines (else the log's last lines) and the log's path, naming the tool (``name``, default
+    the first argument after the interpreter)."""
+    code = run_logged(cmd, log_path, cwd=cwd)
+    if code == 0:
+        return
+    with open(log_path) as f:
+        lines = f.read().splitlines()
+    errors = [ln[len("error: "):] for ln in lines if ln.startswith("error: ")]
+    said = "\n".join(errors) if errors else "its log ends with:\n" + "\n".join(lines[-30:])
+    tool = name or os.path.basename(str(cmd[1] if len(cmd) > 1 else cmd[0]))
+    raise CliError(f"{tool} failed (exit code {code}): {said}\n(whole output: {log_path})")

@@ -43,7 +43,7 @@ import statistics
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..cli import load_config, run_logged
+from ..cli import load_config, run_tool
 from ..data.fingerprint import dataset_fingerprint, file_sha1
 from ..distillers import pair_problem
 from ..records import DetectorSpec
@@ -149,16 +149,12 @@ def check_overrides(plan: Dict[str, List], base=None) -> None:
 
 def _train_net(args: List[str], log_path: str) -> None:
     """``tools/train_net.py args``: its whole output to ``log_path``, detectron2's progress lines
-    (iteration, losses, ETA; evaluation progress) to the console as they come."""
+    (iteration, losses, ETA; evaluation progress) to the console as they come; a failure is one
+    error with the run's own message (:func:`csgr_distill.cli.run_tool`)."""
     print(f"      running tools/train_net.py{' --eval-only' if '--eval-only' in args else ''}, "
           f"log {log_path}", flush=True)
-    code = run_logged([sys.executable, os.path.join(REPO_ROOT, "tools/train_net.py")]
-                      + [str(a) for a in args], log_path, cwd=REPO_ROOT)
-    if code != 0:
-        lines = open(log_path).read().splitlines()
-        errors = [ln[len("error: "):] for ln in lines if ln.startswith("error: ")]
-        said = "\n".join(errors) if errors else "its log ends with:\n" + "\n".join(lines[-25:])
-        raise RuntimeError(f"train_net.py failed (exit code {code}; log {log_path}): {said}")
+    run_tool([sys.executable, os.path.join(REPO_ROOT, "tools/train_net.py")]
+             + [str(a) for a in args], log_path, cwd=REPO_ROOT, name="train_net.py")
 
 
 def _opts_str(opts: List) -> List[str]:
