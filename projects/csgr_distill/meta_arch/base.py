@@ -199,7 +199,9 @@ class DistillMixin:
     def _recording(self, modules: Dict[str, nn.Module],
                    methods: Optional[Dict[str, Tuple[object, str]]] = None):
         """Capture one forward pass: with forward hooks, ``record[name]`` is the module's output
-        and ``record[name + "_input"]`` its first positional input; for ``methods`` (key ->
+        and ``record[name + "_input"]`` its first positional input (of its last call), and
+        ``record[name + "_calls"]`` the outputs of all its calls in order (a module the forward
+        calls once per level, like a dense head's tower layers); for ``methods`` (key ->
         ``(object, method name)``), ``record[key]`` is what that method returned (the method is
         wrapped on the instance for the duration and restored afterwards)."""
         record: Dict[str, object] = {}
@@ -208,6 +210,7 @@ class DistillMixin:
             def fn(_module, inputs, output):
                 record[key] = output
                 record[key + "_input"] = inputs[0] if inputs else None
+                record.setdefault(key + "_calls", []).append(output)
             return fn
 
         def wrap(key, method):

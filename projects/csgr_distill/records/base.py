@@ -54,7 +54,8 @@ class Recorder:
     def hook_modules(self, model: nn.Module, fields: Tuple[str, ...]) -> Dict[str, nn.Module]:
         """Submodules whose outputs the student's training forward must keep, by capture key.
         The capture ``record[key]`` is the module's output, ``record[key + "_input"]`` its first
-        positional input. Default: the backbone."""
+        positional input (of its last call), ``record[key + "_calls"]`` the outputs of every
+        call in order (a module called once per level). Default: the backbone."""
         return {"backbone": model.backbone}
 
     def capture_methods(self, model: nn.Module,
