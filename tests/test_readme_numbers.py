@@ -210,3 +210,37 @@ def test_no_tracked_file_cites_the_design_inputs_outside_the_repository():
                 line = text[:text.index(needle)].count("\n") + 1
                 citing.append(f"{name}:{line}: {needle}")
     assert not citing, "tracked files citing files outside the repository:\n" + "\n".join(citing)
+
+
+#: the README's matrix columns -> the demo student config of that pair (tools/benchmark.py gain)
+MATRIX_CONFIGS = {"RetinaNet": "retinanet", "Faster R-CNN": "rcnn",
+                  "distribution-head RetinaNet": "retinanet-dist", "DETR": "detr",
+                  "Deformable DETR": "deformable-detr"}
+
+
+def test_methods_and_detectors_matrix_is_what_the_methods_check():
+    """Every ✓ of the README's "Methods and detectors" table is a pair the method's own build-time
+    check accepts on that pair's demo configs (with its defaults), every "—" one it refuses."""
+    from csgr_distill.benchmark import gain
+    from csgr_distill.cli import load_config
+    from csgr_distill.distillers import pair_problem, registered_distillers
+
+    text = open(README).read()
+    section = text.split("\n## Methods and detectors\n", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("|")]
+    header, body = rows[0], rows[2:]
+    assert {r[0] for r in body} == set(registered_distillers()), "one row per registered method"
+    checked = 0
+    for row in body:
+        method = row[0]
+        for column, cell in zip(header[1:], row[1:]):
+            if column not in MATRIX_CONFIGS or not (cell.startswith("✓") or cell == EMPTY):
+                continue
+            config = gain.DETECTORS[MATRIX_CONFIGS[column]][1]
+            cfg = load_config(os.path.join(REPO, config),
+                              ["MODEL.DISTILL.METHODS", f"['{method}']"], check_steps=False)
+            problem = pair_problem(cfg)
+            assert (problem is None) == cell.startswith("✓"), (method, column, cell, problem)
+            checked += 1
+    assert checked >= 30
