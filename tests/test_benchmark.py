@@ -13,6 +13,7 @@ def test_fpn_shapes_of_800x1333():
                                              "p6": (13, 21), "p7": (7, 11)}
 
 
+@pytest.mark.slow
 def test_kernels_ours_equals_the_straightforward_formula(tmp_path):
     kernels.run(str(tmp_path), height=64, width=96, batch=2, channels=16, num_classes=3,
                 repeats=1, warmup=0, command="test")

@@ -10,6 +10,8 @@ from csgr_distill.benchmark import overhead
 from csgr_distill.benchmark.common import method_variants
 from csgr_distill.distillers import registered_distillers
 
+pytestmark = pytest.mark.slow  # every test here times full-size detectors
+
 
 @pytest.fixture(scope="module")
 def retinanet_rows(tmp_path_factory):

@@ -75,6 +75,7 @@ def _train(own, which, *extra):
     return out
 
 
+@pytest.mark.slow
 def test_four_commands_train_compare_and_check_the_teacher(own, caplog):
     # 1-3: teacher, baseline, distilled student; nothing but tool arguments
     outs = [_train(own, "teacher"), _train(own, "baseline")]
