@@ -18,10 +18,19 @@ Two kinds of input:
   recording, and the layers after the backbones are re-drawn at unit gain (detectron2's heads
   start at std 0.01, which makes every logit its prior and KD's KL ~1e-6, all rounding): the
   heads then give values in a trained network's range, and student and teacher disagree.
+
+Each row also counts the ATen operators one forward + backward dispatches, ours and the
+reference's (:mod:`~csgr_distill.benchmark.dispatch`: a device-independent measure of the launch
+cost, taken on the CPU as on the GPU). ``python -m csgr_distill.benchmark.kernels ops --height
+512 --width 640`` prints that count alone for every row, without timing (:func:`main`); a
+method whose whole formula needs records but whose feature term runs on the maps alone (TAR)
+gets a row for the feature term too (:data:`FEATURE_TERM`).
 """
+import argparse
 import math
 import os
-from typing import Dict, List
+import sys
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 
 import torch
 from detectron2.config import get_cfg
@@ -40,6 +49,8 @@ from ..teacher import REPO_ROOT, build_teacher_cfg
 from . import overhead
 from .common import header_lines, machine_info, markdown_table, matmul_flops, median, \
     method_variants, time_calls, write_results
+from .dispatch import DEFINITION as ATEN_OPS
+from .dispatch import aten_ops, count_aten_ops, loss_step
 
 LEVELS = {"p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
 
@@ -182,21 +193,93 @@ def recorded_inputs(label: str, detector: str, device: str, batch: int, height: 
     return distiller, student, captured["teacher"], captured["gt"], leaves
 
 
-def _compare(distiller, fns: Dict[str, object], leaves: List[Tensor], device: str,
-             repeats: int, warmup: int) -> dict:
-    """Losses, gradients at ``leaves``, interleaved times and matmul FLOPs of ``fns`` (``ours``
-    and ``reference``, each ``() -> losses``): one row of the table."""
+class LossCase(NamedTuple):
+    """One row's inputs: ``ours()`` and ``reference()`` (None: the method has none) return the
+    losses of ``distiller`` on the same records; ``leaves``: the student tensors the gradient
+    reaches."""
+
+    label: str
+    inputs: str
+    distiller: torch.nn.Module
+    ours: Callable[[], Dict[str, Tensor]]
+    reference: Optional[Callable[[], Dict[str, Tensor]]]
+    leaves: List[Tensor]
+
+
+#: the row of a method's feature term alone on the p3-p7 maps, when its whole formula runs on the
+#: records of another detector pair (TAR: its RoI terms on Faster R-CNN)
+FEATURE_TERM = "{} (feature term)"
+
+
+def loss_cases(device: str = "cpu", height: int = 800, width: int = 1333, batch: int = 2,
+               channels: int = 256, num_classes: int = 6, methods=None) -> Iterator[LossCase]:
+    """Every method's loss (and each variant it declares for ``kernels``; ``methods``: only these
+    labels) on its inputs (module docstring): random p3-p7 maps of a ``height x width`` batch
+    with 8 boxes per image for the losses that read only feature maps, the records of a detector
+    pair otherwise; a method whose whole formula needs records but whose feature term runs on
+    the maps alone (TAR) gives a second row, :data:`FEATURE_TERM`."""
+    sizes = fpn_shapes(height, width)
+    padded = (math.ceil(height / 32) * 32, math.ceil(width / 32) * 32)
+    g = torch.Generator().manual_seed(0)
+    feats = {
+        role: {k: torch.randn(batch, channels, h, w, generator=g).to(device) for k, (h, w) in
+               sizes.items()}
+        for role in ("student", "teacher")
+    }
+    # ground truth for the methods that read boxes (FGD's masks): 8 boxes per image
+    gt_instances = synthetic_boxes(height, width, batch, 8, g, num_classes)
+    gt_instances = [i.to(device) for i in gt_instances]
+
+    def on_maps(label, distiller):
+        s_feats = {k: v.clone().requires_grad_(True) for k, v in feats["student"].items()}
+        s_rec = DetectorOutputs("features", [(height, width)] * batch, padded,
+                                features=s_feats, feature_names=list(LEVELS))
+        t_rec = DetectorOutputs("features", [(height, width)] * batch, padded,
+                                features=feats["teacher"], feature_names=list(LEVELS))
+        return _case(label, "p3-p7 maps", distiller, s_rec, t_rec, gt_instances,
+                     list(s_feats.values()))
+
+    for label, opts in method_variants("kernels").items():
+        wanted = methods is None or label in methods
+        if not wanted and FEATURE_TERM.format(label) not in methods:
+            continue
+        name = opts[1][0]
+        try:  # on a RetinaNet's p3-p7 maps
+            distiller = _build(name, opts, channels, num_classes, device)
+            features_only = all(set(f) == {"features"}
+                                for f in fields_by_role(distiller).values())
+        except ValueError:  # a pair the method refuses (LD, DETRDistill)
+            features_only = False
+        detector = record_detector(opts) if wanted or features_only else None
+        if features_only and detector == "RetinaNet":
+            if wanted:
+                yield on_maps(label, distiller)
+            continue
+        if features_only and (methods is None or FEATURE_TERM.format(label) in methods):
+            yield on_maps(FEATURE_TERM.format(label), distiller)
+        if wanted:  # head outputs: the records of a detector pair the method supports
+            distiller, s_rec, t_rec, gt_rec, leaves = recorded_inputs(label, detector, device,
+                                                                       batch, height, width)
+            yield _case(label, f"{detector} records", distiller, s_rec, t_rec, gt_rec, leaves)
+
+
+def _case(label, inputs, distiller, s_rec, t_rec, gt_rec, leaves) -> LossCase:
+    reference = None
+    if distiller.reference_losses(s_rec, t_rec, gt_rec) is not None:
+        reference = lambda: distiller.reference_losses(s_rec, t_rec, gt_rec)  # noqa: E731
+    return LossCase(label, inputs, distiller, lambda: distiller(s_rec, t_rec, gt_rec), reference,
+                    leaves)
+
+
+def _compare(case: LossCase, device: str, repeats: int, warmup: int) -> dict:
+    """Losses, gradients at the case's leaves, interleaved times, matmul FLOPs and operators
+    dispatched (:func:`~csgr_distill.benchmark.dispatch.count_aten_ops`) of ``ours`` and
+    ``reference``: one row of the table."""
+    fns = {"ours": case.ours, "reference": case.reference}
+    leaves = case.leaves
+
     def step(fn):
-        def call():
-            distiller.zero_grad(set_to_none=True)
-            for v in leaves:
-                v.grad = None
-            torch.manual_seed(0)  # the same dropout in both (DETRDistill's extra decoder pass)
-            losses = fn()
-            # retain_graph: a record's callables reach into the recorded forward's graph
-            sum(losses.values()).backward(retain_graph=True)
-            return losses
-        return call
+        return loss_step(case.distiller, fn, leaves)
 
     results = {}
     for key, fn in fns.items():
@@ -213,11 +296,16 @@ def _compare(distiller, fns: Dict[str, object], leaves: List[Tensor], device: st
         raise AssertionError(f"ours returns {sorted(ours['losses'])}, the reference "
                              f"{sorted(ref['losses'])}")
     flops = {key: matmul_flops(step(fn)) for key, fn in fns.items()}
+    ops = {key: aten_ops(step(fn)) for key, fn in fns.items()}
     return {"losses": sorted(ours["losses"]), "ours_ms": 1e3 * median(times["ours"]),
             "reference_ms": 1e3 * median(times["reference"]),
             "speedup": median(times["reference"]) / median(times["ours"]),
             "ours_gflop": flops["ours"] / 1e9, "reference_gflop": flops["reference"] / 1e9,
             "flop_ratio": flops["reference"] / flops["ours"] if flops["ours"] else float("nan"),
+            "ours_ops": sum(ops["ours"].leaves.values()),
+            "reference_ops": sum(ops["reference"].leaves.values()),
+            "ours_compute_ops": sum(ops["ours"].compute.values()),
+            "reference_compute_ops": sum(ops["reference"].compute.values()),
             # over the loss terms as one vector, like the gradient: a tiny term (KD's p7 on a
             # test-sized input, a KL of ~1e-8 that float32 cannot resolve) is not blown up
             "max_rel_diff_loss": _rel(*(torch.stack([r["losses"][k] for k in sorted(ref["losses"])])
@@ -236,48 +324,17 @@ def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333,
     only these labels) with its straightforward reference, and the criss-cross layer with the
     naive one; write ``kernels.{json,md}`` into ``out_dir``."""
     sizes = fpn_shapes(height, width)
-    padded = (math.ceil(height / 32) * 32, math.ceil(width / 32) * 32)
-    g = torch.Generator().manual_seed(0)
-    feats = {
-        role: {k: torch.randn(batch, channels, h, w, generator=g).to(device) for k, (h, w) in
-               sizes.items()}
-        for role in ("student", "teacher")
-    }
-    # ground truth for the methods that read boxes (FGD's masks): 8 boxes per image
-    gt_instances = synthetic_boxes(height, width, batch, 8, g, num_classes)
-    gt_instances = [i.to(device) for i in gt_instances]
+    g = torch.Generator().manual_seed(1)
     rows: List[dict] = []
-    for label, opts in method_variants("kernels").items():
-        if methods is not None and label not in methods:
-            continue
-        name = opts[1][0]
-        try:  # on a RetinaNet's p3-p7 maps
-            distiller = _build(name, opts, channels, num_classes, device)
-            features_only = all(set(f) == {"features"}
-                                for f in fields_by_role(distiller).values())
-        except ValueError:  # a pair the method refuses (LD, DETRDistill)
-            features_only = False
-        if features_only and record_detector(opts) == "RetinaNet":
-            s_feats = {k: v.clone().requires_grad_(True) for k, v in feats["student"].items()}
-            s_rec = DetectorOutputs("features", [(height, width)] * batch, padded,
-                                    features=s_feats, feature_names=list(LEVELS))
-            t_rec = DetectorOutputs("features", [(height, width)] * batch, padded,
-                                    features=feats["teacher"], feature_names=list(LEVELS))
-            gt_rec, leaves, inputs = gt_instances, list(s_feats.values()), "p3-p7 maps"
-        else:  # head outputs: the records of a detector pair the method supports
-            detector = record_detector(opts)
-            distiller, s_rec, t_rec, gt_rec, leaves = recorded_inputs(label, detector, device,
-                                                                       batch, height, width)
-            inputs = f"{detector} records"
-        if distiller.reference_losses(s_rec, t_rec, gt_rec) is None:
-            rows.append({"method": label, "note": "no straightforward reference"})
-            continue
-        fns = {"ours": lambda d=distiller, s=s_rec, t=t_rec, g=gt_rec: d(s, t, g),
-               "reference": lambda d=distiller, s=s_rec, t=t_rec, g=gt_rec:
-               d.reference_losses(s, t, g)}
+    for case in loss_cases(device, height, width, batch, channels, num_classes, methods):
         with EventStorage(0):
-            row = _compare(distiller, fns, leaves, device, repeats, warmup)
-        rows.append({"method": label, "inputs": inputs, **row})
+            if case.reference is None:
+                row = {"note": "no straightforward reference",
+                       "ours_ops": count_aten_ops(loss_step(case.distiller, case.ours,
+                                                            case.leaves))}
+            else:
+                row = _compare(case, device, repeats, warmup)
+        rows.append({"method": case.label, "inputs": case.inputs, **row})
 
     # the criss-cross layer alone, at the largest level
     h, w = sizes["p3"]
@@ -312,16 +369,68 @@ def run(out_dir: str, device: str = "cpu", height: int = 800, width: int = 1333,
                "speed-up of matmul-bound code); head-output losses: the records of their "
                "detector pair (random weights, backbone maps at unit std, heads at unit gain) on a "
                "synthetic batch of that input size; max rel diff: the largest absolute difference "
-               "over the largest absolute value, of the loss terms and of the gradient")
+               "over the largest absolute value, of the loss terms and of the gradient; aten ops "
+               f"(fwd+bwd): {ATEN_OPS}")
     table = markdown_table(
         ["loss", "inputs", "ours (ms)", "straightforward (ms)", "speed-up", "matmul GFLOP ours",
-         "matmul GFLOP straightforward", "FLOP ratio", "max rel diff (loss)",
-         "max rel diff (grad)"],
+         "matmul GFLOP straightforward", "FLOP ratio", "aten ops ours (fwd+bwd)",
+         "aten ops straightforward (fwd+bwd)", "max rel diff (loss)", "max rel diff (grad)"],
         [[r["method"], r.get("inputs", "-"), r.get("ours_ms", "-"), r.get("reference_ms", "-"),
           r.get("speedup", "-"), r.get("ours_gflop", "-"), r.get("reference_gflop", "-"),
-          r.get("flop_ratio", "-"),
+          r.get("flop_ratio", "-"), r.get("ours_ops", "-"), r.get("reference_ops", "-"),
           r.get("max_rel_diff_loss", "-"), r.get("max_rel_diff_grad", "-")] for r in rows])
     md = header_lines(f"kernels ({device})", info, command) + "\n" + setting + "\n\n" + table
     payload = {"machine": info, "setting": setting, "rows": rows}
     write_results(out_dir, "kernels", device, payload, md)
     return payload
+
+
+def count_ops(device: str = "cpu", height: int = 512, width: int = 640, batch: int = 2,
+              channels: int = 256, methods=None, reference: bool = True, out=print) -> List[dict]:
+    """The ``aten ops`` column alone (no timing): operators dispatched by one forward + backward
+    of every method's loss (and of its reference, with ``reference``) on :func:`loss_cases`'
+    inputs; each row is printed with ``out`` as it is counted."""
+    rows = []
+    for case in loss_cases(device, height, width, batch, channels, methods=methods):
+        row = {"method": case.label, "inputs": case.inputs}
+        fns = {"ours": case.ours}
+        if reference and case.reference is not None:
+            fns["reference"] = case.reference
+        with EventStorage(0):
+            for key, fn in fns.items():
+                counts = aten_ops(loss_step(case.distiller, fn, case.leaves))
+                row[f"{key}_ops"] = sum(counts.leaves.values())
+                row[f"{key}_compute_ops"] = sum(counts.compute.values())
+        rows.append(row)
+        out(f"| {case.label} | {case.inputs} | {row['ours_ops']} | {row['ours_compute_ops']} | "
+            f"{row.get('reference_ops', '-')} | {row.get('reference_compute_ops', '-')} |")
+    return rows
+
+
+def main(argv=None) -> int:
+    """``python -m csgr_distill.benchmark.kernels ops [--height 512 --width 640] [--methods ...]``:
+    print the operators dispatched per forward + backward of every method (a markdown table)."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("part", choices=["ops"])
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--channels", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--methods", nargs="*", default=None, help="row labels (default: all)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="count ours only (the references of the head-output losses are slow)")
+    args = p.parse_args(argv)
+    print(f"{ATEN_OPS}; compute: the operators that do work, views, allocations and detaching "
+          f"left out (about the kernels a GPU launches); input {args.height}x{args.width}, batch {args.batch}, "
+          f"{args.channels} channels, {args.device}\n")
+    print("| loss | inputs | aten ops ours (fwd+bwd) | compute | "
+          "aten ops straightforward (fwd+bwd) | compute |\n"
+          "|---|---|---:|---:|---:|---:|", flush=True)
+    count_ops(args.device, args.height, args.width, args.batch, args.channels, args.methods,
+              not args.no_reference, out=lambda line: print(line, flush=True))
+    return 0
+
+
+if __name__ == "__main__":  # python -m imports csgr_distill first: every method is registered
+    sys.exit(main())
