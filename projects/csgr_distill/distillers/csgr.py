@@ -3,7 +3,7 @@
 Liang, Ma, Wang, Li, "Category semantic and global relation distillation for object detection",
 Chinese Journal of Engineering, 2025. No public code: this follows the paper's text.
 """
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from ..layers.adapters import build_channel_adapter, channel_standardize
 from ..layers.criss_cross import CrissCrossAttention
+from ..layers.csgr_level import csgr_level_losses
 from ..layers.reference import naive_criss_cross_pass
 from .base import Distiller, Variant
 from .level_pairs import channels_of, check_levels, level_pair
@@ -195,27 +196,27 @@ class CSGRDistiller(Distiller):
         return spatial_softmax(self.levels[level].classifier(x_hat))
 
     def level_losses(self, s_feat: Tensor, t_feat: Tensor, level: str,
-                     t_logits: Optional[Tensor] = None) -> Dict[str, Tensor]:
-        """Unweighted ``{"cs": L_cs, "gr": L_gr}`` of one level.
+                     t_logits: Optional[Tensor] = None, weights: Tuple[float, float] = (1.0, 1.0)
+                     ) -> Dict[str, Tensor]:
+        """``{"cs": w_cs * L_cs, "gr": w_gr * L_gr}`` of one level (``weights``: ``(w_cs, w_gr)``,
+        unweighted by default), computed by :func:`~csgr_distill.layers.csgr_level.
+        csgr_level_losses` (both networks as one batch, a hand-written backward).
 
         Args:
-            s_feat: student ``[N, Cs, H, W]``; t_feat: teacher ``[N, C, H, W]`` (detached here);
-            t_logits: teacher class logits ``[N, A*K, H, W]`` (teacher_head attention only).
+            s_feat: student ``[N, Cs, H, W]``; t_feat: teacher ``[N, C, H, W]`` (no gradient
+                reaches it); t_logits: teacher class logits ``[N, A*K, H, W]`` (teacher_head
+                attention only).
         """
-        t_feat = t_feat.detach()
         mod = self.levels[level]
-        s_hat = channel_standardize(mod.adapter(s_feat))
-        t_hat = channel_standardize(t_feat)
-        if s_hat.shape[1] != t_hat.shape[1]:
+        s = mod.adapter(s_feat)
+        if s.shape[1] != t_feat.shape[1]:
             raise ValueError(
-                f"CSGR level {level!r}: student maps to {s_hat.shape[1]} channels but the teacher "
-                f"has {t_hat.shape[1]}; the distiller was built for other channel counts"
+                f"CSGR level {level!r}: student maps to {s.shape[1]} channels but the teacher "
+                f"has {t_feat.shape[1]}; the distiller was built for other channel counts"
             )
-        n = s_feat.shape[0]
-        if self.attention == "learned":
-            a_s = self._category_attention(s_hat, level)
-            a_t = self._category_attention(t_hat, level)
-        else:
+        n = s.shape[0]
+        attention = None
+        if self.attention == "teacher_head":
             if t_logits is None:
                 raise ValueError("CSGR teacher_head attention needs the teacher's cls_logits")
             if t_logits.shape[0] != n or t_logits.shape[-2:] != t_feat.shape[-2:]:
@@ -223,9 +224,10 @@ class CSGRDistiller(Distiller):
                     f"CSGR level {level!r}: teacher logits {tuple(t_logits.shape)} do not match "
                     f"the feature map {tuple(t_feat.shape)}"
                 )
-            a_s = a_t = self._teacher_head_attention(t_logits, level)
-        l_cs = (category_vectors(a_t, t_hat) - category_vectors(a_s, s_hat)).pow(2).sum() / n
-        l_gr = mod.cca.paired_difference(t_hat, s_hat).pow(2).sum() / n
+            attention = self._teacher_head_attention(t_logits, level).flatten(2).transpose(1, 2)
+        classifier = mod.classifier.weight if self.attention == "learned" else None
+        l_cs, l_gr = csgr_level_losses(s, t_feat, classifier, mod.cca, weights[0] / n,
+                                       weights[1] / n, attention)
         return {"cs": l_cs, "gr": l_gr}
 
     def reference_losses(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
@@ -245,9 +247,9 @@ class CSGRDistiller(Distiller):
         for level in self.in_features:
             s_feat, t_feat = level_pair("CSGR", level, student, teacher)
             t_logits = teacher.level_logits(level) if self.attention == "teacher_head" else None
-            l = self.level_losses(s_feat, t_feat, level, t_logits)
-            losses[f"loss_csgr_cs_{level}"] = self.alpha * l["cs"]
-            losses[f"loss_csgr_gr_{level}"] = self.beta * l["gr"]
+            l = self.level_losses(s_feat, t_feat, level, t_logits, (self.alpha, self.beta))
+            losses[f"loss_csgr_cs_{level}"] = l["cs"]
+            losses[f"loss_csgr_gr_{level}"] = l["gr"]
         return losses
 
     # ------------------------------------------------------------------ visualisation
