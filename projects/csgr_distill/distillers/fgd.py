@@ -18,13 +18,15 @@ from detectron2.config import configurable
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..layers.fgd_level import fgd_level_losses
 from ..layers.gc_block import GlobalContextBlock
 from ..layers.reference import GroundTruth
 from .base import Variant
-from .level_pairs import LevelPairDistiller, channels_of
+from .level_pairs import (LevelPairDistiller, box_chunks, boxes_by_image, channels_of,
+                          level_cells)
 from .registry import register_distiller
 
-__all__ = ["FGDDistiller", "fgd_masks", "fgd_attention", "BOX_SCALINGS"]
+__all__ = ["FGDDistiller", "fgd_masks", "fgd_masks_levels", "fgd_attention", "BOX_SCALINGS"]
 
 #: ``MODEL.DISTILL.FGD.BOX_SCALING``: what a box's input-pixel coordinates are divided by to
 #: reach the level grid
@@ -52,37 +54,60 @@ def fgd_masks(boxes: Sequence[Tensor], grid: Tuple[int, int], image_sizes: Seque
     code divides by the count before clipping, which differs only for a box reaching the right or
     bottom edge of the map. ``M_bg = 1`` where ``M_fg = 0``, divided by the image's number of
     background cells (an image without background keeps zeros; an image without boxes has
-    ``M_fg = 0`` and ``M_bg = 1 / (H W)``).
+    ``M_fg = 0`` and ``M_bg = 1 / (H W)``). One level of :func:`fgd_masks_levels`.
     """
+    masks = fgd_masks_levels(boxes, [grid], image_sizes, padded_size, scaling)[0]
+    return masks[0], masks[1]
+
+
+@torch.compiler.disable  # data-dependent box counts: constants computed eagerly
+def fgd_masks_levels(boxes: Sequence[Tensor], grids: Sequence[Tuple[int, int]],
+                     image_sizes: Sequence[tuple], padded_size: tuple,
+                     scaling: str = "padded") -> List[Tensor]:
+    """:func:`fgd_masks` of every level of ``grids`` (``[(H_l, W_l)]``), per level the two masks
+    stacked ``[2 (fg, bg), N, H_l, W_l]``, for all boxes, images and levels at once: each box's
+    covered columns of every level end to end (``[B, sum_l W_l]``) and rows (``[B, sum_l H_l]``),
+    its cell count per level, its value on every cell of every level (``[B, sum_l H_l W_l]``,
+    :class:`~csgr_distill.distillers.level_pairs.LevelCells`), the maximum over each image's
+    boxes, and the background's count per image and level: the same values as the formula
+    level by level, box by box (counts are exact integers in float32)."""
     if scaling not in BOX_SCALINGS:
         raise ValueError(f"MODEL.DISTILL.FGD.BOX_SCALING is {scaling!r}; use one of "
                          f"{list(BOX_SCALINGS)}")
-    h, w = int(grid[0]), int(grid[1])
     n = len(image_sizes)
     if len(boxes) != n:
         raise ValueError(f"fgd_masks: {len(boxes)} box lists for {n} images")
     device = boxes[0].device if n else torch.device("cpu")
-    rows = torch.arange(h, device=device, dtype=torch.float32)
-    cols = torch.arange(w, device=device, dtype=torch.float32)
-    fg = torch.zeros(n, h, w, device=device)
-    for i, (b, size) in enumerate(zip(boxes, image_sizes)):
-        if b.numel() == 0:
-            continue
-        ref_h, ref_w = padded_size if scaling == "padded" else size
-        b = b.detach().float()
-        x1 = torch.floor(b[:, 0] * (w / ref_w))
-        x2 = torch.ceil(b[:, 2] * (w / ref_w))
-        y1 = torch.floor(b[:, 1] * (h / ref_h))
-        y2 = torch.ceil(b[:, 3] * (h / ref_h))
-        in_x = (cols[None] >= x1[:, None]) & (cols[None] <= x2[:, None])  # [B, W]
-        in_y = (rows[None] >= y1[:, None]) & (rows[None] <= y2[:, None])  # [B, H]
-        count = in_y.sum(1) * in_x.sum(1)  # cells covered after clipping; 0 off the map
-        value = 1.0 / count.clamp_min(1).float()
-        cover = (in_y[:, :, None] & in_x[:, None, :]).float() * value[:, None, None]
-        fg[i] = cover.amax(dim=0)
-    bg = (fg == 0).float()
-    bg = bg / bg.sum(dim=(1, 2), keepdim=True).clamp_min(1.0)
-    return fg, bg
+    cells = level_cells(grids, device)
+    with torch.no_grad():
+        masks = torch.zeros(2, n, sum(cells.sizes), device=device)
+        fg = masks[0]
+        if n and sum(len(b) for b in boxes):
+            flat, image, counts = boxes_by_image(boxes)
+            if scaling == "padded":
+                y_scale, x_scale = cells.scales(padded_size)
+            else:  # per image: [N, sum H], [N, sum W], then per box
+                per_image = [cells.scales(size) for size in image_sizes]
+                y_scale = torch.stack([y for y, _ in per_image])[image]
+                x_scale = torch.stack([x for _, x in per_image])[image]
+
+            def covered(lo, hi, scale, index):  # [B], [B] -> [B, len(index)] bool
+                return (index >= torch.floor(lo[:, None] * scale)) & \
+                    (index <= torch.ceil(hi[:, None] * scale))
+
+            in_x = covered(flat[:, 0], flat[:, 2], x_scale, cells.cols)
+            in_y = covered(flat[:, 1], flat[:, 3], y_scale, cells.rows)
+            # cells covered per box and level, after clipping (0 off the map)
+            count = (in_y.float() @ cells.row_onehot) * (in_x.float() @ cells.col_onehot)
+            value = 1.0 / count.clamp_min(1)  # [B, L]
+            for part in box_chunks(counts, fg.shape[1]):
+                cover = in_y[part][:, cells.cell_row] & in_x[part][:, cells.cell_col]  # [b, P]
+                fg.scatter_reduce_(0, image[part, None].expand_as(cover),
+                                   cover * value[part][:, cells.cell_level], "amax")
+        bg = masks[1]
+        bg.copy_(fg == 0)
+        bg /= (bg @ cells.cell_onehot).clamp_min(1.0)[:, cells.cell_level]
+    return cells.split(masks)
 
 
 def fgd_attention(feat: Tensor, temperature: float) -> Tuple[Tensor, Tensor]:
@@ -196,20 +221,19 @@ class FGDDistiller(LevelPairDistiller):
             s_feat: student ``[N, Cs, H, W]`` (adapted here); t_feat: teacher ``[N, C, H, W]``
                 (detached); fg, bg: masks ``[N, H, W]``.
         """
+        terms = self._level_terms(s_feat, t_feat, level, torch.stack([fg, bg]), [1.0] * 4)
+        return dict(zip(self.TERMS, terms))
+
+    def _level_terms(self, s_feat: Tensor, t_feat: Tensor, level: str, masks: Tensor,
+                     weights: List[float]) -> Tuple[Tensor, ...]:
+        """``(fg, bg, at, gl)`` of one level, each times its weight; ``masks`` ``[2, N, H, W]``
+        (fg, bg). One fused autograd function (:func:`~csgr_distill.layers.fgd_level.
+        fgd_level_losses`)."""
         s = self.adapters[level](s_feat)
         n = s.shape[0]
-        s_spatial, s_channel = fgd_attention(s, self.temperature)
-        t_spatial, t_channel = fgd_attention(t_feat, self.temperature)
-        # sum_c A_C^t (S - T)^2 per position, then the two masks with A_S^t
-        weighted = torch.einsum("nc,nchw->nhw", t_channel, (s - t_feat).pow(2)) * t_spatial
-        return {
-            "fg": (fg * weighted).sum() / n,
-            "bg": (bg * weighted).sum() / n,
-            "at": ((s_channel - t_channel).abs().sum()
-                   + (s_spatial - t_spatial).abs().sum()) / n,
-            "gl": (self.student_context[level](s)
-                   - self.teacher_context[level](t_feat)).pow(2).sum() / n,
-        }
+        return fgd_level_losses(s, t_feat, masks, self.student_context[level],
+                                self.teacher_context[level], self.temperature,
+                                [w / n for w in weights])
 
     def reference_losses(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
         """:func:`straightforward_fgd` on the two records' maps and the batch's boxes."""
@@ -219,14 +243,16 @@ class FGDDistiller(LevelPairDistiller):
     def forward(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
         """``(DetectorOutputs, DetectorOutputs, list[Instances]) -> {loss name: weighted loss}``:
         ``loss_fgd_{fg,bg,at,gl}_<level>`` for every level of ``in_features``."""
-        boxes = None
+        pairs = list(self.level_pairs(student, teacher))
+        boxes = self.gt_boxes(gt_instances, pairs[0][1].shape[0])
+        masks = fgd_masks_levels(boxes, [s.shape[-2:] for _, s, _ in pairs], student.image_sizes,
+                                 student.padded_size, self.box_scaling)
+        weights = [getattr(self, attr) for attr, _ in self.TERMS.values()]
         losses = {}
-        for level, s_feat, t_feat in self.level_pairs(student, teacher):
-            if boxes is None:
-                boxes = self.gt_boxes(gt_instances, s_feat.shape[0])
-            fg, bg = self.masks(boxes, s_feat.shape[-2:], student)
-            for term, value in self.level_losses(s_feat, t_feat, level, fg, bg).items():
-                losses[f"loss_fgd_{term}_{level}"] = getattr(self, self.TERMS[term][0]) * value
+        for (level, s_feat, t_feat), level_masks in zip(pairs, masks):
+            for term, value in zip(self.TERMS, self._level_terms(s_feat, t_feat, level,
+                                                                   level_masks, weights)):
+                losses[f"loss_fgd_{term}_{level}"] = value
         return losses
 
     @torch.no_grad()

@@ -2,14 +2,18 @@
 level (MIMIC, PKD, FGD, TAR's feature term; CSGR uses the two checks): the level list and its
 checks (:func:`check_levels`), one channel adapter per level, and the per-level pairing of the
 two records with their shape checks (:func:`level_pair`)."""
-from typing import Dict, Iterator, List, Tuple
+import functools
+from typing import Dict, Iterator, List, Sequence, Tuple
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
 from ..layers.adapters import build_channel_adapter
 from .base import Distiller
 
-__all__ = ["LevelPairDistiller", "check_levels", "level_pair", "channels_of"]
+__all__ = ["LevelPairDistiller", "check_levels", "level_pair", "channels_of", "LevelCells",
+           "level_cells", "boxes_by_image", "box_chunks", "MASK_CHUNK"]
 
 
 def check_levels(node: str, in_features, student_channels: Dict[str, int],
@@ -84,3 +88,104 @@ class LevelPairDistiller(Distiller):
         """``(level, S, T)`` for every level of ``in_features`` (:func:`level_pair`)."""
         for level in self.in_features:
             yield (level, *level_pair(self.config_node, level, student, teacher))
+
+
+class LevelCells:
+    """The cells of several level grids laid end to end, so that a per-cell formula runs on all
+    levels at once: cell ``p`` of the ``[..., P]`` layout (``P = sum_l H_l W_l``; level by level,
+    each row-major) sits in level ``cell_level[p]`` at row ``rows[cell_row[p]]`` and column
+    ``cols[cell_col[p]]`` of its grid. ``rows`` ``[sum_l H_l]`` and ``cols`` ``[sum_l W_l]``
+    hold every level's row and column indices end to end (float32), ``row_level`` /
+    ``col_level`` the level of each, ``row_centres`` / ``col_centres`` the cell centres (index +
+    0.5). Built by :func:`level_cells` (cached per grids and device)."""
+
+    def __init__(self, grids: Sequence[Tuple[int, int]], device):
+        self.grids = [(int(h), int(w)) for h, w in grids]
+        self.sizes = [h * w for h, w in self.grids]
+        rows, cols, row_level, col_level, cell_row, cell_col, cell_level = ([] for _ in range(7))
+        row_start = col_start = 0
+        for level, (h, w) in enumerate(self.grids):
+            rows.append(np.arange(h)), cols.append(np.arange(w))
+            row_level.append(np.full(h, level)), col_level.append(np.full(w, level))
+            cell_row.append(np.repeat(np.arange(h), w) + row_start)
+            cell_col.append(np.tile(np.arange(w), h) + col_start)
+            cell_level.append(np.full(h * w, level))
+            row_start, col_start = row_start + h, col_start + w
+
+        def tensor(parts, dtype):
+            return torch.from_numpy(np.concatenate(parts)).to(device=device, dtype=dtype)
+
+        self.rows, self.cols = tensor(rows, torch.float32), tensor(cols, torch.float32)
+        self.row_level = tensor(row_level, torch.long)
+        self.col_level = tensor(col_level, torch.long)
+        self.cell_row, self.cell_col = tensor(cell_row, torch.long), tensor(cell_col, torch.long)
+        self.cell_level = tensor(cell_level, torch.long)
+        self.row_centres, self.col_centres = self.rows + 0.5, self.cols + 0.5
+        levels = len(self.grids)
+        # [len, L] one-hot of each row / column / cell's level: exact counts per level by a
+        # product (sums of 0/1 in float32 are exact below 2^24)
+        self.row_onehot = torch.nn.functional.one_hot(self.row_level, levels).float()
+        self.col_onehot = torch.nn.functional.one_hot(self.col_level, levels).float()
+        self.cell_onehot = torch.nn.functional.one_hot(self.cell_level, levels).float()
+        self._scales: Dict[Tuple[int, int], Tuple[Tensor, Tensor]] = {}
+
+    def scales(self, size: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+        """Per row ``[sum_l H_l]`` and per column ``[sum_l W_l]`` of every level the factor
+        ``H_l / size[0]``, resp. ``W_l / size[1]`` (float32) that takes an input coordinate of an
+        image of ``size`` to grid units."""
+        key = (int(size[0]), int(size[1]))
+        if key not in self._scales:
+            if len(self._scales) >= 64:  # images of many sizes ("unpadded" box scaling)
+                self._scales.clear()
+            device = self.rows.device
+            ys = torch.tensor([h / float(key[0]) for h, _ in self.grids], device=device)
+            xs = torch.tensor([w / float(key[1]) for _, w in self.grids], device=device)
+            self._scales[key] = (ys[self.row_level], xs[self.col_level])
+        return self._scales[key]
+
+    def split(self, flat: Tensor) -> List[Tensor]:
+        """``[..., P]`` -> per level ``[..., H_l, W_l]`` (views)."""
+        return [x.unflatten(-1, grid) for x, grid in zip(flat.split(self.sizes, dim=-1),
+                                                          self.grids)]
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_cells(grids: Tuple[Tuple[int, int], ...], device: str) -> LevelCells:
+    return LevelCells(grids, device)
+
+
+def level_cells(grids: Sequence[Tuple[int, int]], device) -> LevelCells:
+    """:class:`LevelCells` of ``grids`` (``[(H_l, W_l)]``) on ``device``, built once per
+    distinct grids and device (a multi-scale run has a handful of input sizes)."""
+    return _cached_cells(tuple((int(h), int(w)) for h, w in grids), str(torch.device(device)))
+
+
+def boxes_by_image(boxes: Sequence[Tensor]) -> Tuple[Tensor, Tensor, List[int]]:
+    """The batch's boxes as one ``[B, 4]`` float32 tensor, the image of each ``[B]`` and the
+    count per image (for masks: call under ``no_grad``)."""
+    counts = [len(b) for b in boxes]
+    flat = torch.cat(list(boxes)) if len(boxes) > 1 else boxes[0]
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    image = torch.tensor([i for i, c in enumerate(counts) for _ in range(c)],
+                         device=flat.device, dtype=torch.long)
+    return flat, image, counts
+
+
+#: the most (box, cell) pairs a box mask computes at once (64 MB of float32); more boxes are
+#: taken a group of images at a time
+MASK_CHUNK = 1 << 24
+
+
+def box_chunks(counts: List[int], cells: int) -> List[slice]:
+    """Slices of the batch's boxes (whole images, ``counts`` boxes each) of at most
+    :data:`MASK_CHUNK` (box, cell) pairs each: one slice unless the batch has very many
+    boxes."""
+    parts, start, size = [], 0, 0
+    for c in counts:
+        if size and (size + c) * cells > MASK_CHUNK:
+            parts.append(slice(start, start + size))
+            start, size = start + size, 0
+        size += c
+    parts.append(slice(start, start + size))
+    return parts

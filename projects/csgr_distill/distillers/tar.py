@@ -31,11 +31,12 @@ from ..config import decay_node
 from ..layers.reference import (GroundTruth, plain_box_decode, plain_box_encode, plain_iou,
                                plain_kl, plain_softmax)
 from .base import Variant
-from .level_pairs import LevelPairDistiller, channels_of
+from .level_pairs import (LevelPairDistiller, box_chunks, boxes_by_image, channels_of,
+                          level_cells)
 from .registry import register_distiller
 
-__all__ = ["TARDistiller", "gaussian_masks", "tar_cls_kd", "adaptive_regression_targets",
-           "PROPOSAL_SOURCES", "REG_COMPARISONS"]
+__all__ = ["TARDistiller", "gaussian_masks", "gaussian_masks_levels", "tar_cls_kd",
+           "adaptive_regression_targets", "PROPOSAL_SOURCES", "REG_COMPARISONS"]
 
 #: ``MODEL.DISTILL.TAR.PROPOSALS``: which RoIs both heads answer for
 PROPOSAL_SOURCES = ("student", "teacher", "union")
@@ -59,27 +60,43 @@ def gaussian_masks(boxes: Sequence[Tensor], grid: Tuple[int, int], padded_size: 
     ``(x0, y0)`` gives it ``exp(-((x - x0)^2 / (2 sx^2) + (y - y0)^2 / (2 sy^2)))`` (1 at the
     centre) and the mask is the maximum over the image's boxes (0 without boxes). A degenerate
     box (zero width or height) covers nothing off its centre line instead of dividing by 0.
+    One level of :func:`gaussian_masks_levels`.
     """
-    h, w = int(grid[0]), int(grid[1])
+    return gaussian_masks_levels(boxes, [grid], padded_size, sigma_scale)[0]
+
+
+@torch.compiler.disable  # data-dependent box counts: constants computed eagerly
+def gaussian_masks_levels(boxes: Sequence[Tensor], grids: Sequence[Tuple[int, int]],
+                          padded_size: tuple, sigma_scale: float = 0.5) -> List[Tensor]:
+    """:func:`gaussian_masks` of every level of ``grids`` (``[(H_l, W_l)]``), per level
+    ``[N, H_l, W_l]``, for all boxes, images and levels at once: each box's Gaussian along x
+    on the columns of every level end to end (``[B, sum_l W_l]``), along y on the rows
+    (``[B, sum_l H_l]``), their product on every cell of every level (``[B, sum_l H_l W_l]``,
+    :class:`~csgr_distill.distillers.level_pairs.LevelCells`) and the maximum over each image's
+    boxes: the same float32 operations as the formula level by level, box by box."""
     n = len(boxes)
     device = boxes[0].device if n else torch.device("cpu")
-    ys = torch.arange(h, device=device, dtype=torch.float32) + 0.5
-    xs = torch.arange(w, device=device, dtype=torch.float32) + 0.5
-    out = torch.zeros(n, h, w, device=device)
-    sx_scale, sy_scale = w / float(padded_size[1]), h / float(padded_size[0])
-    for i, b in enumerate(boxes):
-        if b.numel() == 0:
-            continue
-        b = b.detach().float()
-        x1, x2 = b[:, 0] * sx_scale, b[:, 2] * sx_scale
-        y1, y2 = b[:, 1] * sy_scale, b[:, 3] * sy_scale
-        x0, y0 = (x1 + x2) / 2, (y1 + y2) / 2
-        sig_x = ((x2 - x1) * sigma_scale).clamp_min(1e-6)
-        sig_y = ((y2 - y1) * sigma_scale).clamp_min(1e-6)
-        gx = torch.exp(-(xs[None] - x0[:, None]) ** 2 / (2 * sig_x[:, None] ** 2))  # [B, W]
-        gy = torch.exp(-(ys[None] - y0[:, None]) ** 2 / (2 * sig_y[:, None] ** 2))  # [B, H]
-        out[i] = (gy[:, :, None] * gx[:, None, :]).amax(dim=0)
-    return out
+    cells = level_cells(grids, device)
+    with torch.no_grad():
+        out = torch.zeros(n, sum(cells.sizes), device=device)
+        if n and sum(len(b) for b in boxes):
+            flat, image, counts = boxes_by_image(boxes)
+            # per row and column of every level: its scale from input pixels
+            y_scale, x_scale = cells.scales(padded_size)
+
+            def along(lo, hi, scale, centres):  # [B], [B] -> [B, len(centres)]
+                a, b = lo[:, None] * scale, hi[:, None] * scale
+                sigma = ((b - a) * sigma_scale).clamp_min(1e-6)
+                offset = centres - (a + b) / 2
+                var2 = sigma * sigma  # 2 sigma^2 below: x * x and x + x are x ** 2 and 2 x
+                return torch.exp((offset * offset).neg_() / (var2 + var2))
+
+            gx = along(flat[:, 0], flat[:, 2], x_scale, cells.col_centres)
+            gy = along(flat[:, 1], flat[:, 3], y_scale, cells.row_centres)
+            for part in box_chunks(counts, out.shape[1]):
+                g = gy[part][:, cells.cell_row] * gx[part][:, cells.cell_col]  # [b, P]
+                out.scatter_reduce_(0, image[part, None].expand_as(g), g, "amax")
+    return cells.split(out)
 
 
 def tar_cls_kd(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
@@ -284,15 +301,18 @@ class TARDistiller(LevelPairDistiller):
     # ---- the three terms -------------------------------------------------------------------
     def feature_losses(self, student, teacher, gt_instances) -> Dict[str, Tensor]:
         """``loss_tar_feat_<level> = FEAT_WEIGHT * sum M (r(S) - T)^2 / sum M`` (0 when the
-        batch has no boxes)."""
+        batch has no boxes); the masks of all levels in one step (:func:`gaussian_masks_levels`),
+        their normalisers in one reduction."""
         boxes = self.gt_boxes(gt_instances, len(student.image_sizes))
+        pairs = list(self.level_pairs(student, teacher))
+        masks = gaussian_masks_levels(boxes, [s.shape[-2:] for _, s, _ in pairs],
+                                      student.padded_size, self.sigma_scale)
+        # FEAT_WEIGHT / sum M of every level at once (the masks are constants)
+        scales = self.feat_weight / torch.stack([m.sum() for m in masks]).clamp_min(1e-12)
         out = {}
-        for level, s_feat, t_feat in self.level_pairs(student, teacher):
-            mask = gaussian_masks(boxes, s_feat.shape[-2:], student.padded_size,
-                                  self.sigma_scale)[:, None]  # [N, 1, H, W]
-            diff = (self.adapters[level](s_feat) - t_feat) ** 2
-            loss = (diff * mask).sum() / mask.sum().clamp_min(1e-12)
-            out[f"loss_tar_feat_{level}"] = self.feat_weight * loss
+        for (level, s_feat, t_feat), mask, scale in zip(pairs, masks, scales):
+            diff = self.adapters[level](s_feat) - t_feat
+            out[f"loss_tar_feat_{level}"] = (diff * diff * mask[:, None]).sum() * scale
         return out
 
     def shared_predictions(self, student, teacher) -> Tuple[List[Instances], Tuple[Tensor, Tensor],
