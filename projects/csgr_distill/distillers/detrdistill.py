@@ -24,6 +24,7 @@ Per decoder layer l (student and teacher with the same number of layers):
 """
 from typing import Dict, List, Tuple
 
+import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.structures import Boxes, pairwise_iou
@@ -84,19 +85,23 @@ def match_predictions(s_logits: Tensor, s_boxes: Tensor, t_logits: Tensor, t_box
     teacher's ``[N, Qt, .]`` (scipy's ``linear_sum_assignment``, as the detectors' matchers):
     ``(student_idx, teacher_idx)``, ``min(Qs, Qt)`` pairs. N may stack several decoder layers'
     images: every cost matrix is computed in one batched pass and copied to the host once (on
-    a GPU, one synchronisation instead of one per image and layer)."""
+    a GPU, one synchronisation instead of one per image and layer), and the assignments come
+    back to the device in one copy."""
     with torch.no_grad():
         cost = (costs[0] * soft_class_cost(s_logits, t_logits, softmax)
                 + costs[1] * torch.cdist(s_boxes, t_boxes, p=1)
                 - costs[2] * torch.vmap(generalized_box_iou)(_box_xyxy(s_boxes),
                                                              _box_xyxy(t_boxes)))
         cost = cost.float().cpu().numpy()
-    out = []
-    for c in cost:
-        i, j = linear_sum_assignment(c)
-        out.append((torch.as_tensor(i, dtype=torch.long).to(s_logits.device),
-                    torch.as_tensor(j, dtype=torch.long).to(s_logits.device)))
-    return out
+    # every image's assignment back in one host-to-device copy, then split (views)
+    solved = [linear_sum_assignment(c) for c in cost]
+    if not solved:
+        return []
+    flat = torch.as_tensor(np.concatenate([np.concatenate(p) for p in solved]),
+                           dtype=torch.long).to(s_logits.device)
+    sizes = [len(i) for i, _ in solved for _ in range(2)]
+    parts = flat.split(sizes)
+    return list(zip(parts[0::2], parts[1::2]))
 
 
 def target_aware_mask(queries: Tensor, quality: Tensor, feature: Tensor,

@@ -35,7 +35,9 @@ def sigmoid_kl(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Te
     there than the soft-target-BCE difference ``BCE(s/T, p) - BCE(t/T, p)`` (same gradient):
     relative error 2.4e-5 instead of 1.7e-4 in float32 for logits ~N(-3, 2) apart by ~1e-2.
     """
-    s, t = student / temperature, teacher / temperature
+    if temperature != 1.0:
+        student, teacher = student / temperature, teacher / temperature
+    s, t = student, teacher
     p, p_bar = torch.sigmoid(t), torch.sigmoid(-t)
     return (p * (F.logsigmoid(t) - F.logsigmoid(s))
             + p_bar * (F.logsigmoid(-t) - F.logsigmoid(-s)))
@@ -206,8 +208,17 @@ class KDDistiller(Distiller):
                     "(MODEL.ANCHOR_GENERATOR), classes and grid in both")
         num_anchors = sum(s.numel() // self.classes_per_anchor for s in s_levels.values())
         scale = self.weight * self.temperature ** 2 / max(num_anchors, 1)
-        return {f"loss_kd_{level}": scale * self.anchor_kl(s, t_levels[level].detach())
-                for level, s in s_levels.items()}
+        if self.activation == "softmax":  # a softmax over each anchor's K classes, per level
+            return {f"loss_kd_{level}": scale * self.anchor_kl(s, t_levels[level].detach())
+                    for level, s in s_levels.items()}
+        # elementwise: every level's logits side by side, [N, sum_l A K H_l W_l], one KL for
+        # all levels, then each level's sum on its own columns
+        student_flat = torch.cat([s.flatten(1) for s in s_levels.values()], dim=1)
+        teacher_flat = torch.cat([t.flatten(1) for t in t_levels.values()], dim=1).detach()
+        kl = sigmoid_kl(student_flat, teacher_flat, self.temperature)
+        sizes = [s[0].numel() for s in s_levels.values()]
+        return {f"loss_kd_{level}": part.sum() * scale
+                for level, part in zip(s_levels, kl.split(sizes, dim=1))}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ from ..modeling.distribution_retinanet import DistributionRetinaNet
 from .base import Distiller, Variant
 from .registry import register_distiller
 
-__all__ = ["LDDistiller", "bin_kl", "vlr_region", "pairwise_diou", "SOFTMAX_OVER",
-           "KD_NORMALIZERS", "VLR_DIOUS"]
+__all__ = ["LDDistiller", "bin_kl", "vlr_region", "vlr_regions", "pairwise_diou",
+           "SOFTMAX_OVER", "KD_NORMALIZERS", "VLR_DIOUS"]
 
 
 def bin_kl(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
@@ -86,31 +86,44 @@ def vlr_region(anchors: Sequence[Tensor], gt_boxes: Tensor, topk: int = 9,
     Per GT g, ``t_g`` = mean + unbiased std of the IoUs of its candidates with g; an anchor a is
     in VLR(g) when ``low * t_g <= DIoU(a, g) < t_g``; an anchor several GTs claim keeps the one
     with the largest IoU. Returns ``(in_region [R] bool, iou [R])``, the IoU with the claiming
-    GT (0 outside), ``R = sum_l R_l``.
+    GT (0 outside), ``R = sum_l R_l``. One image of :func:`vlr_regions`.
     """
+    region, iou = vlr_regions(anchors, [gt_boxes], topk, low, diou)
+    return region[0], iou[0]
+
+
+def vlr_regions(anchors: Sequence[Tensor], gt_boxes: Sequence[Tensor], topk: int = 9,
+                low: float = 0.25, diou: str = "paper") -> Tuple[Tensor, Tensor]:
+    """:func:`vlr_region` of every image at once (``gt_boxes``: per image ``[G_i, 4]``):
+    ``(in_region [N, R] bool, iou [N, R])``. The GTs of all images are the rows of one IoU, one
+    distance and one DIoU matrix against the anchors (shared by the batch); the claim keeps,
+    per image, the largest IoU over that image's GTs."""
     all_anchors = cat(list(anchors))
-    r = all_anchors.shape[0]
-    if gt_boxes.numel() == 0:
-        return torch.zeros(r, dtype=torch.bool, device=all_anchors.device), \
-            all_anchors.new_zeros(r)
-    iou = box_iou(gt_boxes, all_anchors)  # [G, R], in the boxes' dtype
-    gt_c = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
-    candidates = []
-    start = 0
-    for level in anchors:
-        centres = (level[:, :2] + level[:, 2:]) / 2
-        dist = torch.cdist(gt_c, centres)  # [G, R_l]
-        k = min(topk, level.shape[0])
-        candidates.append(dist.topk(k, dim=1, largest=False).indices + start)
-        start += level.shape[0]
-    cand = cat(candidates, dim=1)  # [G, topk * L]
-    cand_iou = iou.gather(1, cand)
-    std = cand_iou.std(dim=1) if cand.shape[1] > 1 else torch.zeros_like(cand_iou[:, 0])
-    t = cand_iou.mean(dim=1) + std  # [G]
-    d = pairwise_diou(gt_boxes, all_anchors, "iou" if diou == "paper" else "over_area2")
-    band = (d >= low * t[:, None]) & (d < t[:, None])  # [G, R]
-    claimed = torch.where(band, iou, torch.full_like(iou, -1.0))
-    best, _ = claimed.max(dim=0)
+    n, r = len(gt_boxes), all_anchors.shape[0]
+    gts = cat(list(gt_boxes)) if n > 1 else gt_boxes[0]
+    best = all_anchors.new_full((n, r), -1.0)
+    if gts.numel():
+        image = torch.tensor([i for i, g in enumerate(gt_boxes) for _ in range(len(g))],
+                             device=gts.device)
+        iou = box_iou(gts, all_anchors)  # [G, R], in the boxes' dtype
+        gt_c = (gts[:, :2] + gts[:, 2:]) / 2
+        # ATSS candidates: per level the topk anchors nearest each GT's centre (one distance
+        # matrix over all levels, its columns taken level by level)
+        dist = torch.cdist(gt_c, (all_anchors[:, :2] + all_anchors[:, 2:]) / 2)  # [G, R]
+        candidates, start = [], 0
+        for level in anchors:
+            k = min(topk, level.shape[0])
+            candidates.append(dist[:, start:start + level.shape[0]].topk(
+                k, dim=1, largest=False).indices + start)
+            start += level.shape[0]
+        cand_iou = iou.gather(1, cat(candidates, dim=1))  # [G, topk * L]
+        std = cand_iou.std(dim=1) if cand_iou.shape[1] > 1 else \
+            torch.zeros_like(cand_iou[:, 0])
+        t = cand_iou.mean(dim=1) + std  # [G]
+        d = pairwise_diou(gts, all_anchors, "iou" if diou == "paper" else "over_area2")
+        band = (d >= low * t[:, None]) & (d < t[:, None])  # [G, R]
+        claimed = torch.where(band, iou, torch.full_like(iou, -1.0))
+        best.scatter_reduce_(0, image[:, None].expand_as(claimed), claimed, "amax")
     in_region = best >= 0
     return in_region, torch.where(in_region, best, torch.zeros_like(best))
 
@@ -302,15 +315,11 @@ class LDDistiller(Distiller):
             # boxes in the logits' precision, at least float32 (detectron2's Boxes hold float32)
             dtype = torch.promote_types(s_box.dtype, torch.float32)
             anchors = [a.tensor.to(dtype) for a in student.anchors]
-            region, value = [], []
-            for i, inst in enumerate(gt_instances):
-                r, v = vlr_region(anchors, inst.gt_boxes.tensor.to(s_box.device, dtype),
-                                  self.vlr_topk, self.vlr_low, self.vlr_diou)
-                if self.vlr_exclude_positives:
-                    r = r & ~pos[i]
-                region.append(r)
-                value.append(v)
-            region, value = torch.stack(region), torch.stack(value)
+            region, value = vlr_regions(
+                anchors, [inst.gt_boxes.tensor.to(s_box.device, dtype) for inst in gt_instances],
+                self.vlr_topk, self.vlr_low, self.vlr_diou)  # [N, R]
+            if self.vlr_exclude_positives:
+                region = region & ~pos
             kl = self.box_kl(s_box[region], t_box[region])  # [V]
             out["loss_ld_vlr"] = self.vlr_weight * (kl * value[region]).sum() / self.vlr_normalizer
         if self.kd_weight > 0:

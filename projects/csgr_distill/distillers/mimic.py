@@ -80,6 +80,11 @@ class MIMICDistiller(LevelPairDistiller):
         """
         return F.mse_loss(self.adapters[level](s_feat), t_feat)
 
+    def weighted_level_loss(self, s_feat: Tensor, t_feat: Tensor, level: str,
+                            weight: float) -> Tensor:
+        """``weight * level_loss`` (subclasses may fold the weight into their loss)."""
+        return weight * self.level_loss(s_feat, t_feat, level)
+
     def reference_losses(self, student, teacher, gt_instances=None) -> Dict[str, Tensor]:
         """:func:`straightforward_mimic` on the two records' maps."""
         return straightforward_mimic(self, student.features, teacher.features)
@@ -88,7 +93,8 @@ class MIMICDistiller(LevelPairDistiller):
         """``(DetectorOutputs, DetectorOutputs, list[Instances]) -> {loss name: weighted loss}``:
         ``<loss_prefix>_<level> = weight * level_loss`` for every level of ``in_features``.
         ``gt_instances`` is unused."""
-        return {f"{self.loss_prefix}_{level}": self.weight * self.level_loss(s_feat, t_feat, level)
+        return {f"{self.loss_prefix}_{level}": self.weighted_level_loss(s_feat, t_feat, level,
+                                                                         self.weight)
                 for level, s_feat, t_feat in self.level_pairs(student, teacher)}
 
 

@@ -5,10 +5,11 @@ Coefficient", NeurIPS 2022 (official code: mmrazor's ``PKDLoss``).
 """
 from typing import Dict
 
+import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..layers.adapters import channel_standardize
+from ..layers.adapters import channel_standardize, standardize, standardize_backward
 from .mimic import MIMICDistiller
 from .registry import register_distiller
 
@@ -26,6 +27,26 @@ def pearson_loss(student: Tensor, teacher: Tensor) -> Tensor:
     offset of either network's channels.
     """
     return F.mse_loss(channel_standardize(student), channel_standardize(teacher)) / 2
+
+
+class _PearsonLoss(torch.autograd.Function):
+    """``scale * sum (S_hat - T_hat)^2`` with a hand-written backward to the student
+    (:func:`~csgr_distill.layers.adapters.standardize`, the same operations as
+    :func:`channel_standardize`): :func:`pearson_loss` times the weight in about half the
+    operators autograd dispatches for it (issue 30)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, scale):
+        saved = standardize(student)
+        diff = saved.x_hat - standardize(teacher).x_hat
+        ctx.kept = (diff, saved, scale)
+        return (diff * diff).sum() * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        diff, saved, scale = ctx.kept
+        return standardize_backward(diff * (grad * (2 * scale)), saved), None, None
 
 
 @register_distiller("PKD")
@@ -60,7 +81,16 @@ class PKDDistiller(MIMICDistiller):
 
     def level_loss(self, s_feat: Tensor, t_feat: Tensor, level: str) -> Tensor:
         """Unweighted ``pearson_loss(r(S), T)`` of one level, a scalar."""
-        return pearson_loss(self.adapters[level](s_feat), t_feat)
+        return self.weighted_level_loss(s_feat, t_feat, level, 1.0)
+
+    def weighted_level_loss(self, s_feat: Tensor, t_feat: Tensor, level: str,
+                            weight: float) -> Tensor:
+        """``weight * pearson_loss(r(S), T)`` of one level (:class:`_PearsonLoss`)."""
+        s = self.adapters[level](s_feat)
+        if s.shape != t_feat.shape:
+            raise ValueError(f"PKD level {level!r}: the adapted student map {tuple(s.shape)} and "
+                             f"the teacher map {tuple(t_feat.shape)} differ")
+        return _PearsonLoss.apply(s, t_feat, weight / (2 * s.numel()))
 
     def reference_losses(self, student, teacher, gt_instances=None):
         """:func:`straightforward_pkd` (mmrazor's formulation) on the two records' maps."""
