@@ -92,6 +92,17 @@ def add_distill_config(cfg):
     # Distillation-decay schedule: factor f(iter) multiplying the distillation losses of every
     # method that does not carry its own schedule (MODEL.DISTILL.<METHOD>.DECAY).
     _C.MODEL.DISTILL.DECAY = decay_node("none")
+    # torch.compile of every distiller's forward (and, through AOTAutograd, its backward): the
+    # losses are many small operations, bound on a GPU by Python and kernel launches, which
+    # compilation fuses (docs/results/overhead-kernels.md). "" = off (ours: the default until it
+    # is measured on a GPU); "default" = torch.compile's default mode; "reduce-overhead" = also
+    # CUDA graphs on a GPU (one capture per input size). Shapes that change with the image size
+    # are made dynamic after the first change (torch's automatic dynamic shapes), so a
+    # multi-scale run compiles a few times, then never again (on the CPU, 3 input sizes: 3 graphs
+    # for CSGR, PKD, MIMIC, 7 for FGD and TAR, whose box masks run uncompiled). The first steps
+    # take minutes longer; a machine where torch.compile cannot work (no C++ compiler for the
+    # CPU, no Triton for the GPU) is refused when the model is built.
+    _C.MODEL.DISTILL.COMPILE = ""
 
     # Each registered method's own section, MODEL.DISTILL.<METHOD> (declared in its file:
     # csgr_distill/distillers/<method>.py, add_config; docs/configuration.md lists them).

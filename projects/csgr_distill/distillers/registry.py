@@ -8,8 +8,10 @@ every pair problem a config can show; :func:`pair_problem` answers, from a stude
 alone, whether (and why not) its pair can be distilled -- the benchmarks and the tests' method
 matrix ask it instead of keeping lists of their own.
 """
+import functools
 from typing import Dict, List, Optional, Tuple
 
+import torch
 from detectron2.utils.registry import Registry
 from torch import nn
 
@@ -19,7 +21,10 @@ from ..teacher import build_teacher_cfg
 from .base import Distiller
 
 __all__ = ["DISTILLER_REGISTRY", "register_distiller", "registered_distillers", "fields_by_role",
-           "build_distillers", "pair_problem"]
+           "build_distillers", "pair_problem", "compile_distillers", "COMPILE_MODES"]
+
+#: ``MODEL.DISTILL.COMPILE`` values: off, and the ``torch.compile`` modes offered
+COMPILE_MODES = ("", "default", "reduce-overhead")
 
 DISTILLER_REGISTRY = Registry("DISTILLER")
 DISTILLER_REGISTRY.__doc__ = """
@@ -89,7 +94,37 @@ def build_distillers(cfg, student: DetectorSpec, teacher: DetectorSpec) -> nn.Mo
             spec.recorder.check_fields(fields_by_role(distiller)[role], role, who)
         check_level_pairs(getattr(distiller, "in_features", ()), student, teacher, who)
         out[name] = distiller
+    compile_distillers(out, cfg.MODEL.DISTILL.get("COMPILE", ""), cfg.MODEL.DEVICE)
     return out
+
+
+def compile_distillers(distillers: nn.ModuleDict, mode: str, device: str) -> None:
+    """``MODEL.DISTILL.COMPILE``: ``torch.compile`` every distiller's forward in place
+    (``nn.Module.compile``: its ``state_dict`` keys do not change), with automatic dynamic
+    shapes; ``""`` leaves them as they are. A machine where compilation fails is refused now,
+    with one message, not at the first training step."""
+    if not mode:
+        return
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"MODEL.DISTILL.COMPILE is {mode!r}; use one of {list(COMPILE_MODES)}")
+    problem = _compile_problem(str(torch.device(device)))
+    if problem:
+        raise ValueError(f"MODEL.DISTILL.COMPILE {mode!r}: torch.compile does not work on this "
+                         f"machine ({problem}); set MODEL.DISTILL.COMPILE '' to run the distillers "
+                         "uncompiled")
+    for distiller in distillers.values():
+        distiller.compile(mode=mode)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_problem(device: str) -> Optional[str]:
+    """Why ``torch.compile`` fails on ``device`` (a tiny function compiled and run), or None."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device))
+    except Exception as e:  # noqa: BLE001 -- any failure means "cannot compile here"
+        first = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {first[0]}" if first else type(e).__name__
+    return None
 
 
 def pair_problem(cfg) -> Optional[str]:
