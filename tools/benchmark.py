@@ -10,8 +10,8 @@ Each part writes results/<part>.json and results/<part>.md (+ PNG plots for gain
 other devices/detectors already in those files are kept. While gain trains, detectron2's
 periodic lines (iteration, losses, ETA) of the current run are shown; each run's whole output is
 in its train.log. A known user error prints one message (``--debug``: the traceback). Defaults fit the 2-core CPU machine:
-gain ~1 h (teacher once + 3 seeds x {baseline, each method, CSGR options}), overhead ~10 min
-(512x640, batch 2), kernels ~5 min (800x1333 -> p3..p7, batch 2).
+gain ~1 h (teacher once + 3 seeds x {baseline, each method, CSGR options}), overhead ~30 min
+(512x640, batch 2, three detector pairs), kernels ~20 min (800x1333 -> p3..p7, batch 2).
 """
 import argparse
 import os
