@@ -22,8 +22,8 @@ from ..layers.fgd_level import fgd_level_losses
 from ..layers.gc_block import GlobalContextBlock
 from ..layers.reference import GroundTruth
 from .base import Variant
-from .level_pairs import (LevelPairDistiller, box_chunks, boxes_by_image, channels_of,
-                          level_cells)
+from .level_pairs import (LevelPairDistiller, boxes_by_image, channels_of, level_cells,
+                          max_over_boxes)
 from .registry import register_distiller
 
 __all__ = ["FGDDistiller", "fgd_masks", "fgd_masks_levels", "fgd_attention", "BOX_SCALINGS"]
@@ -91,19 +91,16 @@ def fgd_masks_levels(boxes: Sequence[Tensor], grids: Sequence[Tuple[int, int]],
                 y_scale = torch.stack([y for y, _ in per_image])[image]
                 x_scale = torch.stack([x for _, x in per_image])[image]
 
-            def covered(lo, hi, scale, index):  # [B], [B] -> [B, len(index)] bool
-                return (index >= torch.floor(lo[:, None] * scale)) & \
-                    (index <= torch.ceil(hi[:, None] * scale))
+            def covered(lo, hi, scale, index):  # [B], [B] -> [B, len(index)] 0/1 float
+                return ((index >= torch.floor(lo[:, None] * scale))
+                        & (index <= torch.ceil(hi[:, None] * scale))).float()
 
             in_x = covered(flat[:, 0], flat[:, 2], x_scale, cells.cols)
             in_y = covered(flat[:, 1], flat[:, 3], y_scale, cells.rows)
             # cells covered per box and level, after clipping (0 off the map)
-            count = (in_y.float() @ cells.row_onehot) * (in_x.float() @ cells.col_onehot)
+            count = (in_y @ cells.row_onehot) * (in_x @ cells.col_onehot)
             value = 1.0 / count.clamp_min(1)  # [B, L]
-            for part in box_chunks(counts, fg.shape[1]):
-                cover = in_y[part][:, cells.cell_row] & in_x[part][:, cells.cell_col]  # [b, P]
-                fg.scatter_reduce_(0, image[part, None].expand_as(cover),
-                                   cover * value[part][:, cells.cell_level], "amax")
+            max_over_boxes(fg, cells, in_y, in_x, image, counts, value)
         bg = masks[1]
         bg.copy_(fg == 0)
         bg /= (bg @ cells.cell_onehot).clamp_min(1.0)[:, cells.cell_level]

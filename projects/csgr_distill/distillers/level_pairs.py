@@ -3,7 +3,7 @@ level (MIMIC, PKD, FGD, TAR's feature term; CSGR uses the two checks): the level
 checks (:func:`check_levels`), one channel adapter per level, and the per-level pairing of the
 two records with their shape checks (:func:`level_pair`)."""
 import functools
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from ..layers.adapters import build_channel_adapter
 from .base import Distiller
 
 __all__ = ["LevelPairDistiller", "check_levels", "level_pair", "channels_of", "LevelCells",
-           "level_cells", "boxes_by_image", "box_chunks", "MASK_CHUNK"]
+           "level_cells", "boxes_by_image", "box_chunks", "max_over_boxes", "MASK_CHUNK"]
 
 
 def check_levels(node: str, in_features, student_channels: Dict[str, int],
@@ -175,6 +175,19 @@ def boxes_by_image(boxes: Sequence[Tensor]) -> Tuple[Tensor, Tensor, List[int]]:
 #: the most (box, cell) pairs a box mask computes at once (64 MB of float32); more boxes are
 #: taken a group of images at a time
 MASK_CHUNK = 1 << 24
+
+
+def max_over_boxes(out: Tensor, cells: "LevelCells", per_row: Tensor, per_col: Tensor,
+                   image: Tensor, counts: List[int], per_level: Optional[Tensor] = None) -> None:
+    """Into ``out`` ``[N, P]`` (cells of all levels end to end), per image the maximum over its
+    boxes of ``per_row[b, row] * per_col[b, col]`` (``[B, sum_l H_l]``, ``[B, sum_l W_l]``),
+    times ``per_level[b, level]`` ``[B, L]`` when given: a box's value on every cell of every
+    level, :data:`MASK_CHUNK` (box, cell) pairs at a time (FGD's and TAR's box masks)."""
+    for part in box_chunks(counts, out.shape[1]):
+        value = per_row[part][:, cells.cell_row] * per_col[part][:, cells.cell_col]  # [b, P]
+        if per_level is not None:
+            value = value * per_level[part][:, cells.cell_level]
+        out.scatter_reduce_(0, image[part, None].expand_as(value), value, "amax")
 
 
 def box_chunks(counts: List[int], cells: int) -> List[slice]:

@@ -31,8 +31,8 @@ from ..config import decay_node
 from ..layers.reference import (GroundTruth, plain_box_decode, plain_box_encode, plain_iou,
                                plain_kl, plain_softmax)
 from .base import Variant
-from .level_pairs import (LevelPairDistiller, box_chunks, boxes_by_image, channels_of,
-                          level_cells)
+from .level_pairs import (LevelPairDistiller, boxes_by_image, channels_of, level_cells,
+                          max_over_boxes)
 from .registry import register_distiller
 
 __all__ = ["TARDistiller", "gaussian_masks", "gaussian_masks_levels", "tar_cls_kd",
@@ -93,9 +93,7 @@ def gaussian_masks_levels(boxes: Sequence[Tensor], grids: Sequence[Tuple[int, in
 
             gx = along(flat[:, 0], flat[:, 2], x_scale, cells.col_centres)
             gy = along(flat[:, 1], flat[:, 3], y_scale, cells.row_centres)
-            for part in box_chunks(counts, out.shape[1]):
-                g = gy[part][:, cells.cell_row] * gx[part][:, cells.cell_col]  # [b, P]
-                out.scatter_reduce_(0, image[part, None].expand_as(g), g, "amax")
+            max_over_boxes(out, cells, gy, gx, image, counts)
     return cells.split(out)
 
 
