@@ -101,6 +101,29 @@ def test_pkd_is_one_minus_the_mean_pearson_correlation():
     assert pearson_loss(s, t).item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 4, 1, 1), (1, 2, 1, 3)])
+def test_pkd_hand_written_gradient_is_autograds(shape):
+    """The fused loss's backward (the standardisation's gradient written for this loss, its
+    zero-mean term kept) against autograd through :func:`pearson_loss`, float64; a constant
+    channel and single-position maps included."""
+    from csgr_distill.distillers.pkd import _PearsonLoss
+    torch.manual_seed(3)
+    s = (torch.randn(shape, dtype=torch.float64) * 4 + 1).requires_grad_()
+    t = torch.randn(shape, dtype=torch.float64) * 0.3 - 2
+    with torch.no_grad():
+        s[:, 0] = 1.5  # a constant channel: no spread, zero gradient through sigma
+    scale = 0.7
+    ours = _PearsonLoss.apply(s, t, scale)
+    (g_ours,) = torch.autograd.grad(ours * 1.3, s)
+    ref = pearson_loss(s, t) * (2 * s[0].numel() * s.shape[0] * scale)
+    (g_ref,) = torch.autograd.grad(ref * 1.3, s)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12, abs=1e-15)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-10, atol=1e-13)
+    # the sum over (n, h, w) of each channel's gradient is 0: an adapter's bias gets none
+    # (the constant channel's gradient is large, 1 / eps: through the mean, not sigma)
+    assert (g_ours.sum(dim=(0, 2, 3)).abs() <= 1e-14 * g_ours.abs().amax(dim=(0, 2, 3)) * s[0].numel()).all()
+
+
 def test_pkd_is_invariant_to_affine_maps_of_the_teachers_channels():
     torch.manual_seed(1)
     d = _feature_distiller(PKDDistiller, cs=4, ct=4, levels=("p3", "p4"), weight=6.0)

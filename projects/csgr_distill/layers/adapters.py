@@ -4,6 +4,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .constants import constant
+
 __all__ = ["build_channel_adapter", "channel_standardize", "standardize", "standardize_backward",
            "Standardized"]
 
@@ -55,17 +57,21 @@ class Standardized(NamedTuple):
     std: Tensor
 
 
-def standardize(x: Tensor, eps: float = 1e-6) -> Standardized:
+def standardize(x: Tensor, eps: float = 1e-6, need_x_hat: bool = True) -> Standardized:
     """:func:`channel_standardize` without autograd, keeping what its gradient needs, for the
     hand-written backward of a fused loss (:func:`standardize_backward`): the same operations
     on the same tensor, so the same float32 result on any number of threads. (Its gradient is
     sensitive to the summation order of these reductions at the 1e-5 level in float32: the maps
-    of two networks are standardised one by one, not stacked.)"""
+    of two networks are standardised one by one, not stacked. The mean is ``x.mean``'s sum and
+    division, and the numbers are :func:`~csgr_distill.layers.constants.constant` s: the same
+    values, fewer operators. ``need_x_hat=False``: ``x_hat`` is None, for a caller that
+    divides ``centered`` by ``den`` inside another operation.)"""
     m = x.shape[0] * x.shape[2] * x.shape[3]
-    centered = x - x.mean(dim=(0, 2, 3), keepdim=True)
-    std = _std((centered * centered).sum(dim=(0, 2, 3), keepdim=True) / max(m - 1, 1))
-    den = std + eps
-    return Standardized(centered / den, centered, den, std)
+    centered = x - x.sum(dim=(0, 2, 3), keepdim=True) / constant(m, x)
+    std = _std((centered * centered).sum(dim=(0, 2, 3), keepdim=True)
+               / constant(max(m - 1, 1), x))
+    den = std + constant(eps, x)
+    return Standardized(centered / den if need_x_hat else None, centered, den, std)
 
 
 def standardize_backward(d_xh: Tensor, saved: Standardized) -> Tensor:
@@ -82,5 +88,5 @@ def standardize_backward(d_xh: Tensor, saved: Standardized) -> Tensor:
     d_xh = d_xh.contiguous()  # the reductions below in the layout channel_standardize has
     d_den = (d_xh * (x_hat / den)).sum(dim=(0, 2, 3), keepdim=True).neg_()
     d_var = d_den / (std + std)
-    d_centered = d_xh / den + (d_var / max(m - 1, 1)) * (c + c)
-    return d_centered - d_centered.sum(dim=(0, 2, 3), keepdim=True) / m
+    d_centered = d_xh / den + (d_var / constant(max(m - 1, 1), c)) * (c + c)
+    return d_centered - d_centered.sum(dim=(0, 2, 3), keepdim=True) / constant(m, c)

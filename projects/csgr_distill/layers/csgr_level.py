@@ -37,6 +37,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 from .adapters import standardize, standardize_backward
+from .constants import constant
 
 __all__ = ["csgr_level_losses"]
 
@@ -135,7 +136,7 @@ class _CSGRLevelLosses(torch.autograd.Function):
         else:
             cat_att = attention  # [N, P, K], shared by both networks
             d_vec = torch.bmm(cat_att.transpose(1, 2), (big_x[:n] - big_x[n:]).view(n, p, c))
-        loss_cs = (d_vec * d_vec).sum() * alpha_n
+        loss_cs = (d_vec * d_vec).sum() * constant(alpha_n, d_vec)
         # ---- criss-cross passes; the last one on the difference (the value bias cancels)
         q, k = proj[:, k_cls:k_cls + cq], proj[:, k_cls + cq:]
         w_v2 = w_v.view(c, c)
@@ -157,7 +158,7 @@ class _CSGRLevelLosses(torch.autograd.Function):
                 agg, agg_saved = _aggregate(att, values)
                 passes.append((z, q, k, att, qc, kc, agg_saved, values, agg, None))
                 z = torch.addcmul(z, gamma, agg)
-        loss_gr = (g * g).sum() * beta_n
+        loss_gr = (g * g).sum() * constant(beta_n, g)
         ctx.save_for_backward(s, w_all, w_v2, gamma)
         ctx.kept = (standardized, big_x, cat_att, d_vec, g, passes,
                     learned, k_cls, cq, alpha_n, beta_n, b_v)
@@ -173,7 +174,7 @@ class _CSGRLevelLosses(torch.autograd.Function):
         b, p = 2 * n, h * w
         student = slice(n, b)
         # ---- L_gr: g = (z_T - z_S) + gamma W_v (agg_T - agg_S) of the last pass
-        d_g = g * (2 * grad_gr * beta_n)  # [N, H, W, C]
+        d_g = g * (grad_gr * constant(2 * beta_n, g))  # [N, H, W, C]
         z, q, k, att, qc, kc, agg_saved, _, diff, projected = passes[-1]
         d_gamma = (d_g * projected).sum().view(1)
         d_projected = (d_g * gamma).view(n * p, c)
@@ -201,7 +202,7 @@ class _CSGRLevelLosses(torch.autograd.Function):
             d_b_v = d_values.sum(0)
             d_x = d_z[student] + torch.mm(d_values[n * p:], w_v2).view(n, h, w, c)
         # ---- L_cs
-        d_vec = d_vec * (2 * grad_cs * alpha_n)
+        d_vec = d_vec * (grad_cs * constant(2 * alpha_n, d_vec))
         if learned:
             d_vectors = torch.cat([d_vec, -d_vec])  # [2N, K, C]
             d_cat_att = torch.bmm(big_x.view(b, p, c), d_vectors.transpose(1, 2))  # [2N, P, K]

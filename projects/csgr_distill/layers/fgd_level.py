@@ -29,6 +29,8 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
+from .constants import constant
+
 __all__ = ["fgd_level_losses"]
 
 
@@ -76,8 +78,11 @@ def _gc_backward(d_added: Tensor, saved, params: Tuple[Tensor, ...], need_input:
 def _attention(value: Tensor, temperature: float) -> Tuple[Tensor, Tensor]:
     """``(softmax over positions [2, N, P], softmax over channels [2, N, C])`` of ``|F|``
     ``[2, N, C, P]`` (before the factors HW and C)."""
-    spatial = torch.softmax(value.mean(dim=2) / temperature, dim=2)
-    channel = torch.softmax(value.mean(dim=3) / temperature, dim=2)
+    _, _, c, p = value.shape  # the means as value.mean's sum and division (the same values)
+    spatial = torch.softmax(value.sum(dim=2) / constant(c, value) / constant(temperature, value),
+                            dim=2)
+    channel = torch.softmax(value.sum(dim=3) / constant(p, value) / constant(temperature, value),
+                            dim=2)
     return spatial, channel
 
 
@@ -89,7 +94,8 @@ class _FGDLevelLosses(torch.autograd.Function):
         s_params, t_params = params[:8], params[8:]
         x = torch.stack([t, s]).view(2, n, c, p)  # teacher first
         sm_spatial, sm_channel = _attention(x.abs(), temperature)
-        spatial, channel = p * sm_spatial, c * sm_channel  # A_S [2, N, P], A_C [2, N, C]
+        spatial = sm_spatial * constant(p, sm_spatial)  # A_S [2, N, P]
+        channel = sm_channel * constant(c, sm_channel)  # A_C [2, N, C]
         diff = x[1] - x[0]  # [N, C, P]
         # A_C^t . (S - T)^2 per position, then A_S^t: the focal weight of every position
         focal_w = torch.bmm(channel[0].unsqueeze(1), diff * diff) * spatial[0].unsqueeze(1)
@@ -117,20 +123,21 @@ class _FGDLevelLosses(torch.autograd.Function):
         coef = torch.stack([g_fg, g_bg, g_at, g_gl]) * weights
         # focal: d(S - T) = 2 (S - T) A_C^t (c_fg M_fg + c_bg M_bg) A_S^t
         d_focal_w = (masks.view(2, n, p) * coef[:2].view(2, 1, 1)).sum(0) * spatial[0]  # [N, P]
-        d_diff = (channel[0].unsqueeze(2) * d_focal_w.unsqueeze(1)) * (2 * diff)
+        d_diff = (channel[0].unsqueeze(2) * d_focal_w.unsqueeze(1)) * (diff + diff)
         # global: R_s(S) - R_t(T) = (S - T) + (add_s - add_t)
-        d_glob = glob * (2 * coef[3])
+        d_glob = glob * (coef[3] + coef[3])
         d_diff += d_glob
         d_add = d_glob.sum(dim=2)  # [N, C]
         d_flat, s_grads = _gc_backward(d_add, saved_s, params[:8], True)
         _, t_grads = _gc_backward(-d_add, saved_t, params[8:], False)
         # attention: |A^s - A^t| through the student's softmaxes and |S|
         d_a = coef[2]
-        d_sp = torch._softmax_backward_data(d_spatial.sign() * (d_a * p), sm_spatial[1], 1,
-                                            x.dtype)  # [N, P]
-        d_ch = torch._softmax_backward_data(d_channel.sign() * (d_a * c), sm_channel[1], 1,
-                                            x.dtype)  # [N, C]
-        d_abs = d_sp.unsqueeze(1) / (temperature * c) + d_ch.unsqueeze(2) / (temperature * p)
+        d_sp = torch._softmax_backward_data(d_spatial.sign() * (d_a * constant(p, d_a)),
+                                            sm_spatial[1], 1, x.dtype)  # [N, P]
+        d_ch = torch._softmax_backward_data(d_channel.sign() * (d_a * constant(c, d_a)),
+                                            sm_channel[1], 1, x.dtype)  # [N, C]
+        d_abs = (d_sp.unsqueeze(1) / constant(temperature * c, d_sp)
+                 + d_ch.unsqueeze(2) / constant(temperature * p, d_ch))
         d_s = d_diff + d_flat + d_abs * x[1].sign()
         return (d_s.view(n, c, *ctx.grid), None, None, None, None, None, None, *s_grads, *t_grads)
 

@@ -1,0 +1,35 @@
+"""Python numbers as 0-dim tensors of a map's dtype, made once, for the hand-written losses.
+
+``x * 0.5`` on a float32 ``x`` dispatches, besides the multiplication, the conversion of the
+wrapped Python number (a float64) to float32: ``aten::to`` -> ``_to_copy`` -> ``empty_strided``
++ ``copy_``, three operators more for every arithmetic operation with a constant, which is about
+a third of what PKD's loss dispatched (``python -m csgr_distill.benchmark.kernels ops``; issue
+30's measure of host-bound losses). ``x * constant(0.5, x)`` computes the same values bit for
+bit (the number rounded to x's dtype, as that conversion rounds it) with the multiplication
+alone.
+
+The tensors stay on the CPU whatever ``x``'s device: a 0-dim CPU tensor in an operation on CUDA
+tensors is passed to the kernel as an argument (no copy, no launch), as a Python number is.
+Under ``torch.compile`` (``MODEL.DISTILL.COMPILE``) the number itself is returned: the compiler
+folds it into its kernels, and a cached tensor would only be one more graph input.
+"""
+import functools
+
+import torch
+from torch import Tensor
+
+__all__ = ["constant"]
+
+
+@functools.lru_cache(maxsize=4096)  # keyed by value: image sizes vary, so do some normalisers
+def _constant(value: float, dtype: torch.dtype) -> Tensor:
+    return torch.tensor(value, dtype=dtype)
+
+
+def constant(value: float, like: Tensor):
+    """``value`` as a 0-dim CPU tensor of ``like``'s dtype (cached: do not write into it), for
+    ``like * constant(v, like)`` instead of ``like * v`` (module docstring); the float itself
+    while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return float(value)
+    return _constant(float(value), like.dtype)
