@@ -281,3 +281,23 @@ def test_state_dict_keys_do_not_change():
         f"student_context.p3.{k}" for k in (
             "context.bias", "context.weight", "transform.0.bias", "transform.0.weight",
             "transform.1.bias", "transform.1.weight", "transform.3.bias", "transform.3.weight")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_constants_compute_what_python_numbers_compute(dtype):
+    """``x op constant(v, x)`` is ``x op v`` bit for bit, result type included (the number
+    rounded to the type the operation computes in, as a Python number is), one tensor per value
+    and type, and with one operator less on the CPU."""
+    from csgr_distill.layers.constants import constant
+    torch.manual_seed(0)
+    x = (torch.randn(3, 7) * 100).to(dtype)
+    for v in (0.1, 1 / 3, 2.0, 1e-6, 10241, 3.4e38 if dtype != torch.float16 else 6e4):
+        c = constant(v, x)
+        assert c.dim() == 0 and c.device.type == "cpu"
+        assert c.dtype == (dtype if dtype in (torch.float32, torch.float64) else torch.float32)
+        assert constant(v, x) is c
+        for op in (torch.mul, torch.div, torch.add, torch.sub):
+            assert op(x, c).dtype == dtype and torch.equal(op(x, c), op(x, v)), (op, v)
+    if dtype == torch.float32:
+        assert (count_aten_ops(lambda: x * constant(0.5, x))
+                < count_aten_ops(lambda: x * 0.5))

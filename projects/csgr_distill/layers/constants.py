@@ -27,9 +27,12 @@ def _constant(value: float, dtype: torch.dtype) -> Tensor:
 
 
 def constant(value: float, like: Tensor):
-    """``value`` as a 0-dim CPU tensor of ``like``'s dtype (cached: do not write into it), for
+    """``value`` as a 0-dim CPU tensor of ``like``'s dtype (float32 for a half-precision
+    ``like``; cached: do not write into it), for
     ``like * constant(v, like)`` instead of ``like * v`` (module docstring); the float itself
     while ``torch.compile`` traces."""
     if torch.compiler.is_compiling():
         return float(value)
-    return _constant(float(value), like.dtype)
+    # float16 / bfloat16 arithmetic runs in float32 with the number in float32, as theirs does
+    dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+    return _constant(float(value), dtype)
