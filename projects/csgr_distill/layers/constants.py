@@ -1,15 +1,17 @@
 """Python numbers as 0-dim tensors of a map's dtype, made once, for the hand-written losses.
 
-``x * 0.5`` on a float32 ``x`` dispatches, besides the multiplication, the conversion of the
-wrapped Python number (a float64) to float32: ``aten::to`` -> ``_to_copy`` -> ``empty_strided``
-+ ``copy_``, three operators more for every arithmetic operation with a constant, which is about
-a third of what PKD's loss dispatched (``python -m csgr_distill.benchmark.kernels ops``; issue
-30's measure of host-bound losses). ``x * constant(0.5, x)`` computes the same values bit for
-bit (the number rounded to x's dtype, as that conversion rounds it) with the multiplication
-alone.
+``x * 0.5`` on a float32 CPU tensor dispatches, besides the multiplication, the conversion of
+the wrapped Python number (a float64) to float32: ``aten::to`` -> ``_to_copy`` ->
+``empty_strided`` + ``copy_``, four calls of the dispatcher more for every arithmetic operation
+with a constant (one leaf operator more in ``python -m csgr_distill.benchmark.kernels ops``,
+issue 30's measure of host-bound losses). ``x * constant(0.5, x)`` computes the same values bit
+for bit (the number rounded to the type the operation computes in, as that conversion rounds
+it) with the multiplication alone.
 
 The tensors stay on the CPU whatever ``x``'s device: a 0-dim CPU tensor in an operation on CUDA
-tensors is passed to the kernel as an argument (no copy, no launch), as a Python number is.
+tensors is passed to the kernel as an argument (no copy, no launch), as a Python number is. On
+a GPU, where a Python number is such an argument too, this is expected to save nothing (not
+measured: no GPU was lent to the session that wrote it); it is a CPU saving.
 Under ``torch.compile`` (``MODEL.DISTILL.COMPILE``) the number itself is returned: the compiler
 folds it into its kernels, and a cached tensor would only be one more graph input.
 """
