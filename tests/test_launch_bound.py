@@ -301,3 +301,41 @@ def test_constants_compute_what_python_numbers_compute(dtype):
     if dtype == torch.float32:
         assert (count_aten_ops(lambda: x * constant(0.5, x))
                 < count_aten_ops(lambda: x * 0.5))
+
+
+def test_fgd_level_makes_its_weight_tensor_once_not_every_step():
+    """FGD's four loss weights are one cached tensor per (weights, dtype, device): a step after
+    the first builds no tensor from Python numbers (on a GPU each would be a host-to-device
+    copy per level and step); the losses are the weights times the terms either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from csgr_distill.layers.fgd_level import fgd_level_losses
+    from csgr_distill.layers.gc_block import GlobalContextBlock
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    s = torch.randn(2, 8, 5, 6, requires_grad=True)
+    t = torch.randn(2, 8, 5, 6)
+    masks = torch.rand(2, 2, 5, 6)
+    blocks = [GlobalContextBlock(8), GlobalContextBlock(8)]
+    weights = [2e-5, 1e-6, 5e-7, 3e-4]
+    sum(fgd_level_losses(s, t, masks, *blocks, 0.5, weights)).backward()  # the first makes them
+    with Record() as record:
+        losses = fgd_level_losses(s, t, masks, *blocks, 0.5, weights)
+        sum(losses).backward()
+    assert not [n for n in record.names if n.startswith("lift_fresh")], record.names
+    from csgr_distill.layers.constants import constant_vector
+    vector = constant_vector(weights, s)
+    assert vector is constant_vector(weights, s) and vector.dtype == s.dtype
+    assert torch.equal(vector, torch.tensor(weights, dtype=s.dtype))
+    with torch.no_grad():
+        unweighted = fgd_level_losses(s, t, masks, *blocks, 0.5, [1.0] * 4)
+    for loss, term, w in zip(losses, unweighted, vector):
+        assert torch.equal(loss.detach(), term * w)

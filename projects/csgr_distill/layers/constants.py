@@ -12,6 +12,9 @@ The tensors stay on the CPU whatever ``x``'s device: a 0-dim CPU tensor in an op
 tensors is passed to the kernel as an argument (no copy, no launch), as a Python number is. On
 a GPU, where a Python number is such an argument too, this is expected to save nothing (not
 measured: no GPU was lent to the session that wrote it); it is a CPU saving.
+:func:`constant_vector` is the same for a few numbers used together (FGD's four loss weights of a
+level), as a 1-D tensor on ``like``'s device, made once per device: ``torch.tensor(values,
+device=...)`` on every step would be a host-to-device copy on a GPU each time.
 Under ``torch.compile`` (``MODEL.DISTILL.COMPILE``) the number itself is returned: the compiler
 folds it into its kernels, and a cached tensor would only be one more graph input.
 """
@@ -20,7 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["constant"]
+__all__ = ["constant", "constant_vector"]
 
 
 @functools.lru_cache(maxsize=4096)  # keyed by value: image sizes vary, so do some normalisers
@@ -38,3 +41,18 @@ def constant(value: float, like: Tensor):
     # float16 / bfloat16 arithmetic runs in float32 with the number in float32, as theirs does
     dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
     return _constant(float(value), dtype)
+
+
+@functools.lru_cache(maxsize=1024)  # keyed by values: weights divided by the batch size vary
+def _constant_vector(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def constant_vector(values, like: Tensor) -> Tensor:
+    """``values`` (a sequence of numbers) as a 1-D tensor ``[len(values)]`` of ``like``'s dtype
+    on ``like``'s device, made once per (values, dtype, device) (cached: do not write into it);
+    a fresh tensor while ``torch.compile`` traces (the compiler makes it a constant)."""
+    values = tuple(float(v) for v in values)
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
+    return _constant_vector(values, like.dtype, like.device)

@@ -29,7 +29,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from .constants import constant
+from .constants import constant, constant_vector
 
 __all__ = ["fgd_level_losses"]
 
@@ -106,7 +106,7 @@ class _FGDLevelLosses(torch.autograd.Function):
         add_t, saved_t = _gc_forward(x[0], t_params, eps_t)
         glob = diff + (add_s - add_t).unsqueeze(2)  # R_s(S) - R_t(T), [N, C, P]
         terms = torch.cat([focal, attention.view(1), (glob * glob).sum().view(1)])
-        weights = torch.tensor(weights, dtype=terms.dtype, device=terms.device)
+        weights = constant_vector(weights, terms)  # made once per device, not per step
         ctx.save_for_backward(*params)
         ctx.grid = (h, w)
         ctx.kept = (x, masks, sm_spatial, sm_channel, spatial, channel, diff, d_spatial,
