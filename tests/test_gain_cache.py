@@ -2,13 +2,18 @@
 (iterations, seed, eval points, overrides, merged config, teacher, code) is unchanged, and reused
 runs are labelled as cached. ``gain._train_net`` is replaced by a fake that writes the files a
 real ``train_net.py`` run would, so nothing is trained here."""
+import fcntl
 import json
 import math
 import os
+import subprocess
+import sys
+import threading
 
 import pytest
 
 from csgr_distill.benchmark import gain
+from csgr_distill.benchmark.run_lock import LOCK_NAME, RunBusy, run_lock
 from csgr_distill.teacher import REPO_ROOT
 
 CSGR = "CSGR"
@@ -98,10 +103,13 @@ def fake(monkeypatch):
 
 
 def _run(tmp_path, lines=None, **kw):
+    """``lines``: a list the progress lines are appended to, or the progress callable."""
     kw.setdefault("methods", [CSGR])
     kw.setdefault("seeds", 1)
+    progress = lines if callable(lines) else (lines.append if lines is not None
+                                              else lambda m: None)
     return gain.run(str(tmp_path / "results"), str(tmp_path / "work"), command="test",
-                    progress=(lines.append if lines is not None else lambda m: None), **kw)
+                    progress=progress, **kw)
 
 
 def _cached(payload):
@@ -537,3 +545,114 @@ def test_detr_pairs_start_from_the_retinanet_pairs_resnets(tmp_path, fake):
     _run(tmp_path, detector="deformable-detr", methods=["DETRDistill"], seeds=2)
     retrained = [c for c in fake.calls[n:] if c[0] != "eval"]
     assert [c[1] for c in retrained] == [gain.DETECTORS["deformable-detr"][1]] * 4
+
+
+# ----------------------------------------------------------------------------------------------
+# several invocations on one work folder
+
+
+def _hold(rdir, pid="4242"):
+    """Lock a run folder as another invocation would (its own open file description)."""
+    f = open(os.path.join(rdir, LOCK_NAME), "a+")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.write(pid)
+    f.flush()
+    return f
+
+
+def test_run_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
+    """The lock of another process refuses (wait=False, naming its pid) and is free again once
+    that process is killed: no stale lock file blocks a later invocation."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from csgr_distill.benchmark.run_lock import run_lock\n"
+         "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n",
+         str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusy, match=f"another invocation \\(pid {holder.pid}\\)"):
+            with run_lock(str(tmp_path), wait=False):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(str(tmp_path), wait=False):  # freed by the kernel, the file still there
+        assert (tmp_path / LOCK_NAME).read_text() == str(os.getpid())
+
+
+def test_run_lock_waits_for_its_holder_and_says_so_once(tmp_path):
+    held = _hold(str(tmp_path))
+    threading.Timer(0.3, held.close).start()  # closing releases the lock
+    told = []
+    with run_lock(str(tmp_path), on_wait=told.append):
+        assert told == ["pid 4242"]
+
+
+def test_a_run_another_invocation_trains_is_left_for_later_then_read_from_the_cache(tmp_path,
+                                                                                    fake):
+    """Two invocations on one work folder (one per core): a student run locked by the other is
+    skipped, the next one trained, and the skipped one waited for and read from the cache. The
+    code before the lock trained the baseline here a second time, into the other's folder."""
+    first = _run(tmp_path)
+    base_dir = os.path.dirname(first["runs"][gain.BASELINE][0]["weights"])
+    csgr_dir = os.path.dirname(first["runs"][CSGR][0]["weights"])
+    finished = open(os.path.join(base_dir, "final.json")).read()
+    for d in (base_dir, csgr_dir):  # neither is finished: the other invocation trains the baseline
+        os.remove(os.path.join(d, "final.json"))
+    os.remove(os.path.join(csgr_dir, "last_checkpoint"))  # CSGR starts again from scratch
+    other = _hold(base_dir)
+
+    def other_finishes():
+        with open(os.path.join(base_dir, "final.json"), "w") as f:
+            f.write(finished)
+        other.close()
+
+    lines = []
+
+    def progress(line):  # the other invocation finishes only once this one waits for it
+        lines.append(line)
+        if line.endswith("waiting for it"):
+            threading.Timer(0.2, other_finishes).start()
+
+    n = len(fake.calls)
+    second = _run(tmp_path, progress)
+    assert [c[2] for c in fake.calls[n:]] == [csgr_dir]  # the baseline was not trained here
+    assert _cached(second) == {gain.BASELINE: [True], CSGR: [False]}
+    assert second["runs"][gain.BASELINE][0]["final"] == first["runs"][gain.BASELINE][0]["final"]
+    student = [m for m in lines if m.startswith("[gain] seed 0")]
+    assert student == [
+        f"[gain] seed 0 {gain.BASELINE}: being trained by another invocation (pid 4242); back "
+        "to it after the others",
+        f"[gain] seed 0 {CSGR}: AP {second['runs'][CSGR][0]['final']['AP']:.2f}",
+        f"[gain] seed 0 {gain.BASELINE}: being trained by another invocation (pid 4242); "
+        "waiting for it",
+        f"[gain] seed 0 {gain.BASELINE}: AP "
+        f"{first['runs'][gain.BASELINE][0]['final']['AP']:.2f} (cached)"]
+    assert any(m.startswith("[gain] teacher check") for m in lines)  # after the late baseline
+    saved = json.loads((tmp_path / "results" / "gain.json").read_text())["shapes"]
+    assert list(saved["runs"]) == [gain.BASELINE, CSGR]  # the table keeps the plan's order
+
+
+def test_a_teacher_another_invocation_trains_is_waited_for_not_trained_twice(tmp_path, fake):
+    first = _run(tmp_path)
+    tdir = os.path.dirname(first["teacher"]["weights"])
+    finished = open(os.path.join(tdir, "final.json")).read()
+    os.remove(os.path.join(tdir, "final.json"))
+    other = _hold(tdir)
+
+    def other_finishes():
+        with open(os.path.join(tdir, "final.json"), "w") as f:
+            f.write(finished)
+        other.close()
+
+    lines = []
+
+    def progress(line):
+        lines.append(line)
+        if line.endswith("waiting for it"):
+            threading.Timer(0.2, other_finishes).start()
+
+    n = len(fake.calls)
+    second = _run(tmp_path, progress)
+    assert fake.calls[n:] == [] and second["teacher"]["cached"]
+    assert any("the teacher (" in m and "waiting for it" in m for m in lines)

@@ -32,6 +32,12 @@ same command runs again (``train_net.py --resume``), so it loses at most that ma
 A resumed run is not bit-identical to an uninterrupted one (the data order and random states
 restart at the checkpoint), so it says so: ``"resumed_from": [iteration, ...]`` in its result,
 on its progress line and in a "resumed runs" footnote (the teacher: on its line).
+
+Sharing a work folder. Several invocations may run at once on one work folder (e.g. one per core,
+each ``OMP_NUM_THREADS=1``): each run is trained under its folder's lock (:mod:`.run_lock`). A
+student run another invocation is training is left for later: this invocation trains the next
+one, then comes back, waits for the other to finish it and reads it from the cache. The teacher
+and the backbone runs are waited for (everything after them needs them).
 """
 import hashlib
 import json
@@ -51,6 +57,7 @@ from ..evaluation.teacher_check import teacher_check
 from ..teacher import REPO_ROOT, build_teacher_cfg
 from .common import (NO_VALUE, header_lines, machine_info, markdown_table,
                      method_variants, missing, number_cell, write_results)
+from .run_lock import RunBusy, run_lock
 
 TEACHER_CFG = "configs/demo/teacher-RetinaNet-R18-wide.yaml"
 STUDENT_CFG = "configs/demo/CSGR-RetinaNet-R18.yaml"
@@ -401,12 +408,13 @@ def teacher_cfg(opts: List, config: Optional[str] = None):
 
 def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: str,
                   data_opts: Sequence[str] = (), config: Optional[str] = None,
-                  backbone: Optional[str] = None) -> dict:
+                  backbone: Optional[str] = None, progress=print) -> dict:
     """The teacher: trained here (``iters``, None: its config's) unless ``weights`` are given, and
     evaluated; both steps are cached under keys (module docstring). ``data_opts``: the data
     overrides of every run (:func:`csgr_distill.data.pipeline_overrides`); ``backbone``: a
     checkpoint whose ResNet starts the teacher's (``MODEL.BACKBONE_WEIGHTS``, keyed by the sha1
-    of its bytes).
+    of its bytes). Training and evaluation each wait while another invocation holds their folder
+    (``progress`` says so), then read its result from the cache.
 
     Returns {"AP", "AP50", "AP75": float, "weights": path, "weights_sha1": str, "iters": int or
     None (given weights), "given": bool, "cached": bool (nothing was trained or evaluated now),
@@ -428,13 +436,14 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: 
             material["backbone_weights_sha1"] = file_sha1(backbone)
         tdir = os.path.join(out, f"teacher-{cache_key(material)}")
         weights = os.path.join(tdir, "model_final.pth")
-        stored = _load_cached(tdir, material)
-        done = stored is not None and os.path.isfile(weights)
-        if not done:
-            resumed = _train_resumable(config, opts, tdir, material["iters"])
-            _remove_periodic_checkpoints(tdir)
-            stored = {"weights": "model_final.pth", "resumed_from": resumed}
-            _store(tdir, material, stored)
+        with run_lock(tdir, on_wait=_waiting(progress, f"the teacher ({config})")):
+            stored = _load_cached(tdir, material)
+            done = stored is not None and os.path.isfile(weights)
+            if not done:
+                resumed = _train_resumable(config, opts, tdir, material["iters"])
+                _remove_periodic_checkpoints(tdir)
+                stored = {"weights": "model_final.pth", "resumed_from": resumed}
+                _store(tdir, material, stored)
         info.update(train_cached=done, train_key=cache_key(material), iters=material["iters"],
                     resumed_from=stored.get("resumed_from", []))
     sha1 = file_sha1(weights)
@@ -444,16 +453,17 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: 
                            "config": _config_text(eval_cfg), "code": code,
                            "libraries": libraries()}, eval_cfg, ("TEST",))
     eval_dir = os.path.join(out, f"teacher_eval-{cache_key(material)}")
-    metrics = _load_cached(eval_dir, material)
-    info["eval_cached"] = metrics is not None
-    if metrics is None:
-        _train_net(["--config-file", config or TEACHER_CFG, "--eval-only"] + opts
-                   + ["OUTPUT_DIR", eval_dir],
-                   os.path.join(eval_dir, "eval.log"))
-        with open(os.path.join(eval_dir, "eval_results.json")) as f:
-            bbox = json.load(f)["bbox"]
-        metrics = {m: bbox[m] for m in METRICS}
-        _store(eval_dir, material, metrics)
+    with run_lock(eval_dir, on_wait=_waiting(progress, "the teacher's evaluation")):
+        metrics = _load_cached(eval_dir, material)
+        info["eval_cached"] = metrics is not None
+        if metrics is None:
+            _train_net(["--config-file", config or TEACHER_CFG, "--eval-only"] + opts
+                       + ["OUTPUT_DIR", eval_dir],
+                       os.path.join(eval_dir, "eval.log"))
+            with open(os.path.join(eval_dir, "eval_results.json")) as f:
+                bbox = json.load(f)["bbox"]
+            metrics = {m: bbox[m] for m in METRICS}
+            _store(eval_dir, material, metrics)
     info.update(metrics, weights=weights, weights_sha1=sha1, eval_key=cache_key(material),
                 cached=info["eval_cached"] and info["train_cached"] is not False)
     return info
@@ -493,14 +503,24 @@ def _folder(label: str) -> str:
     return label.replace(" ", "_").replace("+", "_").replace("/", "_")
 
 
+def _waiting(progress, what: str):
+    """``on_wait`` of :func:`run_lock`: one progress line naming the run and its holder."""
+    return lambda holder: progress(f"[gain] {what}: being trained by another invocation "
+                                   f"({holder}); waiting for it")
+
+
 def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iters: int,
                 eval_points: int, code: str, base_cfg=None, data_opts: Sequence[str] = (),
-                config: Optional[str] = None, backbone: Optional[str] = None) -> dict:
+                config: Optional[str] = None, backbone: Optional[str] = None,
+                wait: bool = True, progress=print) -> dict:
     """One student run of ``iters`` iterations under the ``teacher`` of :func:`train_teacher`,
     from the cache (``<out>/runs/<label>/seed<seed>-<key>/final.json``) when its key material
     matches, else trained now.
 
     ``backbone``: a checkpoint whose ResNet starts the student's (``MODEL.BACKBONE_WEIGHTS``).
+    While another invocation trains this run (its folder's lock, :mod:`.run_lock`): ``wait``
+    True waits for it (``progress`` says so) and reads its result, False raises
+    :class:`~.run_lock.RunBusy`.
 
     Returns {"final": {AP, AP50, AP75}, "curve": [(iteration, {AP, AP50, AP75}), ...], "seed",
     "label", "iters", "key": str, "cached": bool, "resumed_from": [iteration, ...], "weights":
@@ -514,6 +534,14 @@ def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iter
     material = student_material(base_cfg, run_opts, opts, seed, iters, eval_points, teacher, code)
     key = cache_key(material)
     rdir = os.path.join(out, "runs", _folder(label), f"seed{seed}-{key}")
+    with run_lock(rdir, wait, _waiting(progress, f"seed {seed} {label}")):
+        return _student_result(rdir, material, key, label, seed, iters, eval_points, config,
+                               run_opts)
+
+
+def _student_result(rdir: str, material: dict, key: str, label: str, seed: int, iters: int,
+                    eval_points: int, config: str, run_opts: List) -> dict:
+    """:func:`run_student`'s work once it holds the run's folder: cached, or trained now."""
     result = _load_cached(rdir, material)
     if result is not None:
         # the final point of runs stored before curve_point was at iters + 1
@@ -719,11 +747,11 @@ def pretrained_backbones(detector: str, work_dir: str, code: str, data_opts: Seq
     t_config, s_config, _ = DETECTORS[source]
     progress(f"[gain] backbones from the {source} pair: its teacher ({t_config}) and seed-0 "
              "baseline student")
-    teacher = train_teacher(work_dir, None, None, code, data_opts, t_config)
+    teacher = train_teacher(work_dir, None, None, code, data_opts, t_config, progress=progress)
     base = student_cfg(data_opts, s_config)
     student = run_student(work_dir, BASELINE, ["MODEL.DISTILL.ENABLED", False], 0, teacher,
                           int(base.SOLVER.MAX_ITER), eval_points, code, base, data_opts,
-                          s_config)
+                          s_config, progress=progress)
     progress(f"[gain] backbones: teacher AP {teacher['AP']:.2f}"
              + (" (cached)" if teacher["cached"] else "") + f", baseline student AP "
              f"{student['final']['AP']:.2f}" + (" (cached)" if student["cached"] else ""))
@@ -764,16 +792,24 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
     backbones = pretrained_backbones(detector, work_dir, code, data_opts, eval_points, progress)
     progress(f"[gain] teacher ({t_config})")
     teacher = train_teacher(work_dir, teacher_iters, teacher_weights, code, data_opts, t_config,
-                            backbones["teacher"] if backbones else None)
+                            backbones["teacher"] if backbones else None, progress)
     progress(f"[gain] teacher AP {teacher['AP']:.2f}" + (" (cached)" if teacher["cached"] else "")
              + f": {teacher_note(teacher)}")
     iters = iters or int(base.SOLVER.MAX_ITER)
-    runs: Dict[str, List[dict]] = {label: [] for label in plan}
-    for seed in range(first_seed, first_seed + seeds):
-        for label, opts in plan.items():
-            r = run_student(work_dir, label, opts, seed, teacher, iters, eval_points, code, base,
-                            data_opts, s_config, backbones["student"] if backbones else None)
-            runs[label].append(r)
+    done: Dict[Tuple[int, str], dict] = {}
+    todo = [(seed, label) for seed in range(first_seed, first_seed + seeds) for label in plan]
+    for wait in (False, True):  # runs another invocation is training: skipped, then waited for
+        later = []
+        for seed, label in todo:
+            try:
+                r = run_student(work_dir, label, plan[label], seed, teacher, iters, eval_points,
+                                code, base, data_opts, s_config,
+                                backbones["student"] if backbones else None, wait, progress)
+            except RunBusy as busy:
+                progress(f"[gain] seed {seed} {label}: {busy}; back to it after the others")
+                later.append((seed, label))
+                continue
+            done[seed, label] = r
             progress(f"[gain] seed {seed} {label}: AP {r['final']['AP']:.2f}"
                      + (" (no detections: AP 0 in the table)" if detected_nothing(r["final"])
                         else "")
@@ -788,6 +824,9 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
                          f"{r['final']['AP']:.2f}: " + ("the teacher beats the baseline"
                                                        if checked["teacher_beats_baseline"] else
                                                        "THE TEACHER DOES NOT BEAT THE BASELINE"))
+        todo = later
+    runs = {label: [done[seed, label] for seed in range(first_seed, first_seed + seeds)]
+            for label in plan}
     rows = summarize(teacher, runs)
     info = machine_info(str(base.MODEL.DEVICE))  # where train_net.py ran (--opts MODEL.DEVICE)
     setting = (f"{train_set} -> {test_set}; {description} ({t_config}, {s_config}), students "
