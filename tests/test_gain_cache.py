@@ -588,6 +588,29 @@ def test_run_lock_waits_for_its_holder_and_says_so_once(tmp_path):
         assert told == ["pid 4242"]
 
 
+def _other_invocation(rdir, lines):
+    """Another invocation training the finished run in ``rdir``: its ``final.json`` is taken away
+    and its folder locked until this invocation says it waits for it; then, 0.2 s later, the
+    other one "finishes" (the file back, the lock released). Returns this invocation's progress
+    callable, which appends to ``lines``."""
+    final = os.path.join(rdir, "final.json")
+    finished = open(final).read()
+    os.remove(final)
+    held = _hold(rdir)
+
+    def finish():
+        with open(final, "w") as f:
+            f.write(finished)
+        held.close()
+
+    def progress(line):
+        lines.append(line)
+        if line.endswith("waiting for it"):
+            threading.Timer(0.2, finish).start()
+
+    return progress
+
+
 def test_a_run_another_invocation_trains_is_left_for_later_then_read_from_the_cache(tmp_path,
                                                                                     fake):
     """Two invocations on one work folder (one per core): a student run locked by the other is
@@ -596,24 +619,10 @@ def test_a_run_another_invocation_trains_is_left_for_later_then_read_from_the_ca
     first = _run(tmp_path)
     base_dir = os.path.dirname(first["runs"][gain.BASELINE][0]["weights"])
     csgr_dir = os.path.dirname(first["runs"][CSGR][0]["weights"])
-    finished = open(os.path.join(base_dir, "final.json")).read()
-    for d in (base_dir, csgr_dir):  # neither is finished: the other invocation trains the baseline
-        os.remove(os.path.join(d, "final.json"))
-    os.remove(os.path.join(csgr_dir, "last_checkpoint"))  # CSGR starts again from scratch
-    other = _hold(base_dir)
-
-    def other_finishes():
-        with open(os.path.join(base_dir, "final.json"), "w") as f:
-            f.write(finished)
-        other.close()
-
+    for name in ("final.json", "last_checkpoint"):  # CSGR starts again from scratch
+        os.remove(os.path.join(csgr_dir, name))
     lines = []
-
-    def progress(line):  # the other invocation finishes only once this one waits for it
-        lines.append(line)
-        if line.endswith("waiting for it"):
-            threading.Timer(0.2, other_finishes).start()
-
+    progress = _other_invocation(base_dir, lines)
     n = len(fake.calls)
     second = _run(tmp_path, progress)
     assert [c[2] for c in fake.calls[n:]] == [csgr_dir]  # the baseline was not trained here
@@ -635,23 +644,8 @@ def test_a_run_another_invocation_trains_is_left_for_later_then_read_from_the_ca
 
 def test_a_teacher_another_invocation_trains_is_waited_for_not_trained_twice(tmp_path, fake):
     first = _run(tmp_path)
-    tdir = os.path.dirname(first["teacher"]["weights"])
-    finished = open(os.path.join(tdir, "final.json")).read()
-    os.remove(os.path.join(tdir, "final.json"))
-    other = _hold(tdir)
-
-    def other_finishes():
-        with open(os.path.join(tdir, "final.json"), "w") as f:
-            f.write(finished)
-        other.close()
-
     lines = []
-
-    def progress(line):
-        lines.append(line)
-        if line.endswith("waiting for it"):
-            threading.Timer(0.2, other_finishes).start()
-
+    progress = _other_invocation(os.path.dirname(first["teacher"]["weights"]), lines)
     n = len(fake.calls)
     second = _run(tmp_path, progress)
     assert fake.calls[n:] == [] and second["teacher"]["cached"]
