@@ -3,6 +3,7 @@
 runs are labelled as cached. ``gain._train_net`` is replaced by a fake that writes the files a
 real ``train_net.py`` run would, so nothing is trained here."""
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -182,6 +183,24 @@ def test_other_iterations_get_their_own_results_section_and_plots(tmp_path, fake
     assert "trained 600 iterations each" in saved["shapes"]["setting"]
     assert gain.results_name("shapes_train", "rcnn", 600, 600, {"iters": None}, gain.TEACHER_CFG) \
         == ("shapes, rcnn", "_rcnn")
+
+
+def test_opts_get_their_own_results_section_and_plots(tmp_path, fake):
+    """``--opts`` changes every run, so its table must not replace the default setting's (it did:
+    the section was named after the data and iterations only)."""
+    _run(tmp_path)
+    _run(tmp_path, opts=["INPUT.FIXED_SIZE", "96"])
+    saved = json.loads((tmp_path / "results" / "gain.json").read_text())
+    assert set(saved) == {"shapes", "shapes, --opts INPUT.FIXED_SIZE 96"}
+    assert fake.count("student") == 4  # the overrides are in every run's key
+    for name in ("gain_ap", "gain_curves"):
+        assert (tmp_path / "results" / f"{name}_opts-fixed-size-96.png").is_file()
+    assert gain.opts_tag(["MODEL.DETR.WITH_BOX_REFINE", True]) == "opts-with-box-refine-true"
+    assert gain.opts_tag(["MODEL.DETR.WITH_BOX_REFINE", "True", "MODEL.DETR.TWO_STAGE", "True"]) \
+        == "opts-with-box-refine-true-two-stage-true"
+    long = ["MODEL.DETR.WITH_BOX_REFINE", "True", "MODEL.DETR.TWO_STAGE", "True",
+            "MODEL.DETR.NUM_QUERIES", "100"]
+    assert gain.opts_tag(long) == "opts-" + hashlib.sha1(" ".join(long).encode()).hexdigest()[:8]
 
 
 def test_changed_variant_overrides_retrain_only_that_run(tmp_path, fake):

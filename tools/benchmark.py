@@ -69,7 +69,8 @@ def parse_args(argv=None):
                         "when the teacher does not beat the baseline student)")
     g.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE",
                    help="overrides for every run (teacher and students), e.g. --opts "
-                        "INPUT.FIXED_SIZE 256")
+                        "INPUT.FIXED_SIZE 256; the results get their own section and plots, "
+                        "named after them")
     o = p.add_argument_group("overhead / kernels")
     o.add_argument("--height", type=int, default=None,
                    help="input height (default: overhead 512, kernels 800)")
@@ -115,8 +116,8 @@ def main(argv=None):
                      methods=args.methods,
                      variants=dict(gain.parse_variant(v) for v in args.variant),
                      command=command, progress=log,
-                     data_opts=pipeline_overrides(args.register_dataset, args.train, args.test)
-                     + list(args.opts),
+                     data_opts=pipeline_overrides(args.register_dataset, args.train, args.test),
+                     opts=args.opts,
                      check_teacher=not args.no_teacher_check, detector=args.detector)
         log(f"{part} done -> {os.path.join(args.results, part)}.md")
         print(open(os.path.join(args.results, f"{part}.md")).read())

@@ -709,12 +709,27 @@ def teacher_note(teacher: dict) -> str:
     return how + ", evaluation " + ("cached" if teacher["eval_cached"] else "run now")
 
 
+def opts_tag(opts: Sequence[str]) -> str:
+    """A file-name tag for ``--opts``: each key's last part and its value, lower case
+    (``MODEL.DETR.WITH_BOX_REFINE True`` -> ``opts-with-box-refine-true``); the sha1's first 8
+    digits instead when that is over 40 characters."""
+    words = []
+    for key, value in zip(opts[::2], opts[1::2]):
+        words += [str(key).split(".")[-1], str(value)]
+    tag = re.sub(r"[^a-z0-9.]+", "-", " ".join(words).lower()).strip("-")
+    if len(tag) > 40:
+        tag = hashlib.sha1(" ".join(map(str, opts)).encode()).hexdigest()[:8]
+    return "opts-" + tag
+
+
 def results_name(train_set: str, detector: str, iters: int, default_iters: int, teacher: dict,
-                 t_config: str, data_opts: Sequence[str] = ()) -> Tuple[str, str]:
+                 t_config: str, data_opts: Sequence[str] = (),
+                 opts: Sequence[str] = ()) -> Tuple[str, str]:
     """The section of ``gain.json``/``gain.md`` and the suffix of the plot files of one setting,
     so that settings live side by side instead of replacing each other: the training set, the
     detector pair when it is not the default RetinaNet, the student iterations when they are not
-    the student config's, the teacher's when a trained teacher's are not its config's.
+    the student config's, the teacher's when a trained teacher's are not its config's, the
+    ``--opts`` overrides of every run (:func:`opts_tag`).
 
     ``("shapes_train", "rcnn", 2000, 600, {"iters": 6000, ...}, <2000-iteration config>)`` ->
     ``("shapes, rcnn, 2000 iterations, teacher 6000 iterations", "_rcnn_2000it_teacher6000it")``;
@@ -730,6 +745,9 @@ def results_name(train_set: str, detector: str, iters: int, default_iters: int, 
         if teacher["iters"] != int(teacher_cfg(list(data_opts), t_config).SOLVER.MAX_ITER):
             parts.append(f"teacher {teacher['iters']} iterations")
             tags.append(f"teacher{teacher['iters']}it")
+    if opts:
+        parts.append("--opts " + " ".join(map(str, opts)))
+        tags.append(opts_tag(opts))
     section = ", ".join(["shapes" if train_set == "shapes_train" else train_set] + parts)
     return section, "".join("_" + t for t in tags)
 
@@ -763,7 +781,7 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
         methods: Optional[List[str]] = None, variants: Optional[Dict[str, List]] = None,
         eval_points: int = 3, command: str = "", progress=print,
         data_opts: Sequence[str] = (), check_teacher: bool = True,
-        detector: str = "retinanet", first_seed: int = 0) -> dict:
+        detector: str = "retinanet", first_seed: int = 0, opts: Sequence[str] = ()) -> dict:
     """Train (or read from the cache) the teacher and every planned student run on seeds
     ``first_seed .. first_seed + seeds - 1``, write ``gain.json``/``gain.md`` and the plots to
     ``out_dir``; returns the payload {"machine", "setting", "teacher" (:func:`train_teacher`),
@@ -771,7 +789,8 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
 
     ``data_opts``: overrides that move every run onto other data
     (:func:`csgr_distill.data.pipeline_overrides`; the results section is then named after the
-    training set). ``check_teacher``: after the first baseline run, warn loudly when the teacher
+    training set). ``opts``: overrides of every run besides the data (``--opts``; the results
+    section and plots are named after them, :func:`results_name`). ``check_teacher``: after the first baseline run, warn loudly when the teacher
     does not beat it (:func:`csgr_distill.evaluation.teacher_check.teacher_check`). ``detector``: a key of
     :data:`DETECTORS` (the teacher and student configs)."""
 
@@ -781,6 +800,7 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
     if detector not in DETECTORS:
         raise SystemExit(f"--detector {detector!r}: use one of {list(DETECTORS)}")
     t_config, s_config, description = DETECTORS[detector]
+    data_opts = list(data_opts) + list(opts)
     if detector == "retinanet":  # the module constants (tests point them elsewhere)
         t_config, s_config = TEACHER_CFG, STUDENT_CFG
     base = student_cfg(data_opts, s_config)
@@ -840,7 +860,7 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
             "yes" if r["gain_over_2std"] else "no"]
          for r in rows])
     section, suffix = results_name(train_set, detector, iters, int(base.SOLVER.MAX_ITER),
-                                   teacher, t_config, data_opts)
+                                   teacher, t_config, data_opts, opts)
     md = (header_lines(f"gain ({section})", info, command) + "\n" + setting + "\n\n" + table
           + "\n\n" + table_note(rows) + cached_note(runs)
           + ("\n" + resumed_note(runs) if resumed_note(runs) else "")
