@@ -98,6 +98,7 @@ class FakeTrainNet:
 
 @pytest.fixture
 def fake(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # torch's default (test_torch_threads)
     f = FakeTrainNet()
     monkeypatch.setattr(gain, "_train_net", f)
     return f
@@ -201,6 +202,26 @@ def test_opts_get_their_own_results_section_and_plots(tmp_path, fake):
     long = ["MODEL.DETR.WITH_BOX_REFINE", "True", "MODEL.DETR.TWO_STAGE", "True",
             "MODEL.DETR.NUM_QUERIES", "100"]
     assert gain.opts_tag(long) == "opts-" + hashlib.sha1(" ".join(long).encode()).hexdigest()[:8]
+
+
+def test_runs_with_other_torch_threads_are_their_own_runs_and_section(tmp_path, fake,
+                                                                       monkeypatch):
+    """OMP_NUM_THREADS changes every CPU number (float sums in another order), so runs trained
+    with one thread are not reused for the default's table (they were: the key held no thread
+    count) and their table gets its own section instead of replacing it."""
+    _run(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    p = _run(tmp_path)
+    assert _cached(p) == {gain.BASELINE: [False], CSGR: [False]} and not p["teacher"]["cached"]
+    assert fake.count("teacher") == 2
+    saved = json.loads((tmp_path / "results" / "gain.json").read_text())
+    assert set(saved) == {"shapes", "shapes, one torch thread"}
+    assert (tmp_path / "results" / "gain_ap_one_thread.png").is_file()
+    assert _cached(_run(tmp_path)) == {gain.BASELINE: [True], CSGR: [True]}  # still one thread
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert gain.results_name("shapes_train", "retinanet", 600, 600, {"iters": None},
+                             gain.TEACHER_CFG, threads=gain.omp_threads()) \
+        == ("shapes, 4 torch threads", "_4_threads")
 
 
 def test_changed_variant_overrides_retrain_only_that_run(tmp_path, fake):

@@ -348,6 +348,14 @@ def libraries() -> Dict[str, str]:
     return {"torch": torch.__version__, "detectron2": detectron2.__version__}
 
 
+def omp_threads() -> Optional[str]:
+    """``OMP_NUM_THREADS`` as the runs' ``train_net.py`` processes inherit it (None: unset, torch's
+    default of the machine's cores). The intra-op thread count changes the order of float sums,
+    so a CPU run trained with 1 thread ends at other numbers than with 2: every key holds it, and
+    a set value names the results section (:func:`results_name`)."""
+    return os.environ.get("OMP_NUM_THREADS") or None
+
+
 def cache_key(material: dict) -> str:
     """12 hex digits of the sha1 of ``material`` as canonical JSON (sorted keys)."""
     return hashlib.sha1(_canonical(material).encode()).hexdigest()[:12]
@@ -431,7 +439,8 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: 
         cfg = teacher_cfg(opts, config)
         material = _with_data({"run": "teacher", "iters": int(cfg.SOLVER.MAX_ITER),
                                "overrides": _opts_str(opts), "config": _config_text(cfg),
-                               "code": code, "libraries": libraries()}, cfg, ("TRAIN",))
+                               "code": code, "libraries": libraries(),
+                               "omp_num_threads": omp_threads()}, cfg, ("TRAIN",))
         if backbone:
             material["backbone_weights_sha1"] = file_sha1(backbone)
         tdir = os.path.join(out, f"teacher-{cache_key(material)}")
@@ -451,7 +460,8 @@ def train_teacher(out: str, iters: Optional[int], weights: Optional[str], code: 
     eval_cfg = teacher_cfg(list(data_opts), config)
     material = _with_data({"run": "teacher eval", "weights_sha1": sha1,
                            "config": _config_text(eval_cfg), "code": code,
-                           "libraries": libraries()}, eval_cfg, ("TEST",))
+                           "libraries": libraries(), "omp_num_threads": omp_threads()},
+                          eval_cfg, ("TEST",))
     eval_dir = os.path.join(out, f"teacher_eval-{cache_key(material)}")
     with run_lock(eval_dir, on_wait=_waiting(progress, "the teacher's evaluation")):
         metrics = _load_cached(eval_dir, material)
@@ -473,7 +483,8 @@ def student_material(base_cfg, run_opts: List, opts: List, seed: int, iters: int
                      eval_points: int, teacher: dict, code: str) -> dict:
     """What defines one student run, as a JSON-able dict: {"run": "student", "iters", "seed",
     "eval_points", "overrides" (the run's own, as strings), "config" (the merged student config
-    as YAML text, :func:`_config_text`), "teacher", "code", "libraries"} and "data" (the
+    as YAML text, :func:`_config_text`), "teacher", "code", "libraries", "omp_num_threads"
+    (:func:`omp_threads`)} and "data" (the
     training and test sets' :func:`data_material`, when they have one).
 
     ``run_opts`` are all overrides given to ``train_net.py`` besides OUTPUT_DIR (seed, schedule,
@@ -493,7 +504,8 @@ def student_material(base_cfg, run_opts: List, opts: List, seed: int, iters: int
     material = _with_data({"run": "student", "iters": iters, "seed": seed,
                            "eval_points": eval_points, "overrides": _opts_str(opts),
                            "config": _config_text(cfg), "teacher": used_teacher, "code": code,
-                           "libraries": libraries()}, cfg, ("TRAIN", "TEST"))
+                           "libraries": libraries(), "omp_num_threads": omp_threads()},
+                          cfg, ("TRAIN", "TEST"))
     if cfg.MODEL.get("BACKBONE_WEIGHTS", ""):
         material["backbone_weights_sha1"] = file_sha1(cfg.MODEL.BACKBONE_WEIGHTS)
     return material
@@ -724,12 +736,13 @@ def opts_tag(opts: Sequence[str]) -> str:
 
 def results_name(train_set: str, detector: str, iters: int, default_iters: int, teacher: dict,
                  t_config: str, data_opts: Sequence[str] = (),
-                 opts: Sequence[str] = ()) -> Tuple[str, str]:
+                 opts: Sequence[str] = (), threads: Optional[str] = None) -> Tuple[str, str]:
     """The section of ``gain.json``/``gain.md`` and the suffix of the plot files of one setting,
     so that settings live side by side instead of replacing each other: the training set, the
     detector pair when it is not the default RetinaNet, the student iterations when they are not
     the student config's, the teacher's when a trained teacher's are not its config's, the
-    ``--opts`` overrides of every run (:func:`opts_tag`).
+    ``--opts`` overrides of every run (:func:`opts_tag`), the runs' ``OMP_NUM_THREADS`` when set
+    (``threads``: "1" -> "one torch thread", "4" -> "4 torch threads").
 
     ``("shapes_train", "rcnn", 2000, 600, {"iters": 6000, ...}, <2000-iteration config>)`` ->
     ``("shapes, rcnn, 2000 iterations, teacher 6000 iterations", "_rcnn_2000it_teacher6000it")``;
@@ -748,6 +761,9 @@ def results_name(train_set: str, detector: str, iters: int, default_iters: int, 
     if opts:
         parts.append("--opts " + " ".join(map(str, opts)))
         tags.append(opts_tag(opts))
+    if threads is not None:
+        parts.append("one torch thread" if threads == "1" else f"{threads} torch threads")
+        tags.append("one_thread" if threads == "1" else f"{threads}_threads")
     section = ", ".join(["shapes" if train_set == "shapes_train" else train_set] + parts)
     return section, "".join("_" + t for t in tags)
 
@@ -860,7 +876,7 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
             "yes" if r["gain_over_2std"] else "no"]
          for r in rows])
     section, suffix = results_name(train_set, detector, iters, int(base.SOLVER.MAX_ITER),
-                                   teacher, t_config, data_opts, opts)
+                                   teacher, t_config, data_opts, opts, omp_threads())
     md = (header_lines(f"gain ({section})", info, command) + "\n" + setting + "\n\n" + table
           + "\n\n" + table_note(rows) + cached_note(runs)
           + ("\n" + resumed_note(runs) if resumed_note(runs) else "")
