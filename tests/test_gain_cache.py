@@ -204,6 +204,28 @@ def test_opts_get_their_own_results_section_and_plots(tmp_path, fake):
     assert gain.opts_tag(long) == "opts-" + hashlib.sha1(" ".join(long).encode()).hexdigest()[:8]
 
 
+def test_opts_reach_the_teacher_that_the_distilled_students_build(tmp_path, fake):
+    """``--opts`` train the teacher with them, so the teacher each distilled student builds from
+    the teacher yaml needs them too (MODEL.DISTILL.TEACHER.OPTS). Before, a Deformable DETR
+    teacher trained with ``MODEL.DETR.WITH_BOX_REFINE True`` failed every distilled student's
+    strict load ("unexpected keys ... bbox_embed"); the baseline builds no teacher."""
+    from csgr_distill.cli import load_config
+    from csgr_distill.teacher import build_teacher_cfg
+
+    _run(tmp_path, opts=["MODEL.RETINANET.NUM_CONVS", "3"])
+    students = {c[2]: c for c in fake.calls if c[0] == "student"}
+    assert len(students) == 2
+    for out, (_, config, _, args) in students.items():
+        cfg = load_config(os.path.join(REPO_ROOT, config), args[2:], check_steps=False)
+        assert cfg.MODEL.RETINANET.NUM_CONVS == 3
+        if os.sep + CSGR + os.sep in out:
+            assert build_teacher_cfg(cfg).MODEL.RETINANET.NUM_CONVS == 3
+        else:
+            assert not cfg.MODEL.DISTILL.ENABLED and "MODEL.DISTILL.TEACHER.OPTS" not in args
+    teacher = next(c for c in fake.calls if c[0] == "teacher")
+    assert "MODEL.RETINANET.NUM_CONVS" in teacher[3]
+
+
 def test_runs_with_other_torch_threads_are_their_own_runs_and_section(tmp_path, fake,
                                                                        monkeypatch):
     """OMP_NUM_THREADS changes every CPU number (float sums in another order), so runs trained

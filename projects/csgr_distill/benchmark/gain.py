@@ -524,12 +524,15 @@ def _waiting(progress, what: str):
 def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iters: int,
                 eval_points: int, code: str, base_cfg=None, data_opts: Sequence[str] = (),
                 config: Optional[str] = None, backbone: Optional[str] = None,
-                wait: bool = True, progress=print) -> dict:
+                wait: bool = True, progress=print, teacher_opts: Sequence[str] = ()) -> dict:
     """One student run of ``iters`` iterations under the ``teacher`` of :func:`train_teacher`,
     from the cache (``<out>/runs/<label>/seed<seed>-<key>/final.json``) when its key material
     matches, else trained now.
 
     ``backbone``: a checkpoint whose ResNet starts the student's (``MODEL.BACKBONE_WEIGHTS``).
+    ``teacher_opts``: the overrides the teacher was trained with beyond its yaml (``--opts``); a
+    distilled student builds its teacher with them (appended to ``MODEL.DISTILL.TEACHER.OPTS``),
+    or a teacher trained with e.g. ``MODEL.DETR.WITH_BOX_REFINE True`` would not load.
     While another invocation trains this run (its folder's lock, :mod:`.run_lock`): ``wait``
     True waits for it (``progress`` says so) and reads its result, False raises
     :class:`~.run_lock.RunBusy`.
@@ -543,6 +546,12 @@ def run_student(out: str, label: str, opts: List, seed: int, teacher: dict, iter
     run_opts = (_opts_str(data_opts) + ["SEED", seed, "TEST.EVAL_PERIOD", max(1, iters // eval_points),
                  "MODEL.DISTILL.TEACHER.WEIGHTS", teacher["weights"]] + _schedule(iters)
                 + (["MODEL.BACKBONE_WEIGHTS", backbone] if backbone else []) + _opts_str(opts))
+    if teacher_opts:
+        merged = base_cfg.clone()
+        merged.merge_from_list(_opts_str(run_opts))
+        if merged.MODEL.DISTILL.ENABLED:  # the baseline builds no teacher: its key stays
+            run_opts += ["MODEL.DISTILL.TEACHER.OPTS",
+                         repr(list(merged.MODEL.DISTILL.TEACHER.OPTS) + _opts_str(teacher_opts))]
     material = student_material(base_cfg, run_opts, opts, seed, iters, eval_points, teacher, code)
     key = cache_key(material)
     rdir = os.path.join(out, "runs", _folder(label), f"seed{seed}-{key}")
@@ -840,7 +849,8 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
             try:
                 r = run_student(work_dir, label, plan[label], seed, teacher, iters, eval_points,
                                 code, base, data_opts, s_config,
-                                backbones["student"] if backbones else None, wait, progress)
+                                backbones["student"] if backbones else None, wait, progress,
+                                teacher_opts=opts)
             except RunBusy as busy:
                 progress(f"[gain] seed {seed} {label}: {busy}; back to it after the others")
                 later.append((seed, label))
