@@ -688,14 +688,15 @@ def table_note(rows: List[dict]) -> str:
 
 def cached_note(runs: Dict[str, List[dict]]) -> str:
     """One markdown line naming the runs read from the cache, e.g. ``cached runs: CSGR seeds 0,1
-    (trained in an earlier invocation with the same key)``, or saying that none were."""
+    (trained by an earlier or a concurrent invocation with the same key: ...)``, or saying that
+    none were."""
     parts = [f"{label} seeds {','.join(str(r['seed']) for r in rs if r['cached'])}"
              for label, rs in runs.items() if any(r["cached"] for r in rs)]
     if not parts:
         return "cached runs: none (every student run was trained in this invocation)"
-    return ("cached runs: " + "; ".join(parts) + " (trained in an earlier invocation with the "
-            "same key: iterations, seed, eval points, overrides, merged config, data, teacher, "
-            "code)")
+    return ("cached runs: " + "; ".join(parts) + " (trained by an earlier or a concurrent "
+            "invocation with the same key: iterations, seed, eval points, overrides, merged "
+            "config, data, teacher, code, libraries, OMP_NUM_THREADS)")
 
 
 def resumed_text(resumed: List[int]) -> str:
