@@ -816,8 +816,10 @@ def run(out_dir: str, work_dir: str, seeds: int = 3, iters: Optional[int] = None
     ``data_opts``: overrides that move every run onto other data
     (:func:`csgr_distill.data.pipeline_overrides`; the results section is then named after the
     training set). ``opts``: overrides of every run besides the data (``--opts``; the results
-    section and plots are named after them, :func:`results_name`). ``check_teacher``: after the first baseline run, warn loudly when the teacher
-    does not beat it (:func:`csgr_distill.evaluation.teacher_check.teacher_check`). ``detector``: a key of
+    section and plots are named after them, :func:`results_name`; the distilled students build
+    their teacher with them too). ``check_teacher``: after the first baseline run, warn loudly
+    when the teacher does not beat it
+    (:func:`csgr_distill.evaluation.teacher_check.teacher_check`). ``detector``: a key of
     :data:`DETECTORS` (the teacher and student configs)."""
 
     if seeds < 1 or first_seed < 0:
